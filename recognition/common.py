@@ -1,0 +1,209 @@
+"""Small helpers every script shares: user-facing errors, contexts, atomic files, checkpoint names."""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import sys
+import tempfile
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
+
+logger = logging.getLogger("recognition")
+
+
+class ToolkitError(Exception):
+    """A problem the user can fix (bad flag, missing file, wrong shape). Printed as one line, exit code 2."""
+
+
+def run_cli(main: Callable[[Optional[Sequence[str]]], Optional[int]], argv: Optional[Sequence[str]] = None) -> int:
+    """Run ``main(argv)``; turn a :class:`ToolkitError` into one ``error: ...`` line on stderr and exit code 2."""
+    try:
+        rc = main(argv)
+    except ToolkitError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return int(rc or 0)
+
+
+def setup_logging(verbose: bool = True, log_file: Optional[str] = None) -> None:
+    """Log to stderr (and to ``log_file``) with a timestamp, once per process."""
+    root = logging.getLogger()
+    if not any(getattr(h, "_ifr", False) for h in root.handlers):
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        handler._ifr = True  # type: ignore[attr-defined]
+        root.addHandler(handler)
+    if log_file:
+        fh = logging.FileHandler(log_file)
+        fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        fh._ifr = True  # type: ignore[attr-defined]
+        root.addHandler(fh)
+    root.setLevel(logging.INFO if verbose else logging.WARNING)
+
+
+def parse_ctx(spec: Optional[str] = None) -> list:
+    """Devices from ``--ctx`` (``cpu``, ``cpu:0,cpu:1``, ``gpu:0,gpu:1``) or, when empty, ``CUDA_VISIBLE_DEVICES``.
+
+    Without either, one CPU context. Several CPU contexts act as separate devices (data/model parallel tests).
+    """
+    import mxnet as mx
+
+    if not spec:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").strip()
+        if visible and mx.context.num_gpus() > 0:
+            return [mx.gpu(i) for i in range(len(visible.split(",")))]
+        return [mx.cpu()]
+    ctxs = []
+    for part in spec.split(","):
+        m = re.fullmatch(r"\s*(cpu|gpu)(?::(\d+))?\s*", part)
+        if not m:
+            raise ToolkitError(f"--ctx: cannot parse {part!r}; expected e.g. 'cpu', 'cpu:0,cpu:1' or 'gpu:0,gpu:1'")
+        kind, idx = m.group(1), int(m.group(2) or 0)
+        if kind == "gpu" and idx >= mx.context.num_gpus():
+            raise ToolkitError(f"--ctx: {part.strip()} requested but {mx.context.num_gpus()} GPU(s) are visible")
+        ctxs.append(mx.Context(kind, idx))
+    return ctxs
+
+
+def parse_prefix_epoch(spec: str, flag: str = "--pretrained", check_files: bool = True) -> Tuple[str, int]:
+    """Split ``PREFIX,EPOCH`` (or a ``PREFIX-0000.params`` path) into ``(prefix, epoch)`` and check the files exist."""
+    if not spec:
+        raise ToolkitError(f"{flag}: empty; expected PREFIX,EPOCH (e.g. ../models/model-r100-ii/model,0)")
+    m = re.fullmatch(r"(.+)-(\d{4})\.params", spec)
+    if m:
+        prefix, epoch = m.group(1), int(m.group(2))
+    else:
+        if "," not in spec:
+            raise ToolkitError(f"{flag} {spec!r}: missing ',EPOCH'; expected PREFIX,EPOCH (e.g. {spec},0)")
+        prefix, _, ep = spec.rpartition(",")
+        try:
+            epoch = int(ep)
+        except ValueError:
+            raise ToolkitError(f"{flag} {spec!r}: epoch {ep!r} is not an integer") from None
+    if check_files:
+        params = "%s-%04d.params" % (prefix, epoch)
+        if not os.path.isfile(params):
+            found = sorted(f for f in os.listdir(os.path.dirname(prefix) or ".")
+                           if f.startswith(os.path.basename(prefix)) and f.endswith(".params")) \
+                if os.path.isdir(os.path.dirname(prefix) or ".") else []
+            hint = f" (found: {', '.join(found)})" if found else ""
+            raise ToolkitError(f"{flag}: checkpoint file {params} does not exist{hint}")
+    return prefix, epoch
+
+
+@contextlib.contextmanager
+def atomic_write(path: str, mode: str = "wb") -> Iterator:
+    """Write ``path`` through a temporary file in the same folder, fsync it, then rename it into place.
+
+    A reader never sees a half-written file: either the old content or the new one. On an exception the
+    temporary file is removed and ``path`` is untouched.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(folder)
+
+
+def atomic_replace(tmp_path: str, path: str) -> None:
+    """fsync ``tmp_path`` and rename it onto ``path`` (for writers that need a real file name while writing)."""
+    with open(tmp_path, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp_path, path)
+    _fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def _fsync_dir(folder: str) -> None:
+    with contextlib.suppress(OSError):
+        dfd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+
+def save_params_atomic(path: str, params: dict) -> None:
+    """``mx.nd.save`` to ``path`` atomically (keys as given, e.g. ``arg:conv0_weight``)."""
+    import mxnet as mx
+
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    os.close(fd)
+    try:
+        mx.nd.save(tmp, params)
+        atomic_replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def save_checkpoint(prefix: str, epoch: int, symbol, arg_params: dict, aux_params: dict) -> List[str]:
+    """Atomic ``mx.model.save_checkpoint``: same files and keys, never half-written. Returns the two paths.
+
+    The params file is written first, then the symbol: a symbol file only exists next to complete params.
+    """
+    params_path = "%s-%04d.params" % (prefix, epoch)
+    sym_path = "%s-symbol.json" % prefix
+    blob = {"arg:" + k: v.as_in_context(_cpu()) for k, v in arg_params.items()}
+    blob.update({"aux:" + k: v.as_in_context(_cpu()) for k, v in aux_params.items()})
+    save_params_atomic(params_path, blob)
+    if symbol is not None:
+        with atomic_write(sym_path, "w") as f:
+            f.write(symbol.tojson())
+    return [params_path, sym_path]
+
+
+def load_checkpoint(prefix: str, epoch: int, need_symbol: bool = True):
+    """``mx.model.load_checkpoint`` with one-line errors. Returns ``(symbol or None, arg_params, aux_params)``."""
+    import mxnet as mx
+
+    params_path = "%s-%04d.params" % (prefix, epoch)
+    sym_path = "%s-symbol.json" % prefix
+    if not os.path.isfile(params_path):
+        raise ToolkitError(f"checkpoint file {params_path} does not exist")
+    symbol = None
+    if need_symbol:
+        if not os.path.isfile(sym_path):
+            raise ToolkitError(f"checkpoint symbol {sym_path} does not exist (params found at {params_path})")
+        try:
+            symbol = mx.sym.load(sym_path)
+        except Exception as exc:  # MXNetError with a C++ stack: keep the first line only
+            raise ToolkitError(f"{sym_path}: not a readable MXNet symbol ({str(exc).splitlines()[0]})") from None
+    try:
+        saved = mx.nd.load(params_path)
+    except Exception as exc:
+        raise ToolkitError(f"{params_path}: not a readable MXNet params file ({str(exc).splitlines()[0]})") from None
+    if not isinstance(saved, dict):
+        raise ToolkitError(f"{params_path}: holds an unnamed array list, not a checkpoint")
+    arg_params, aux_params = {}, {}
+    for key, value in saved.items():
+        kind, _, name = key.partition(":")
+        if kind == "arg":
+            arg_params[name] = value
+        elif kind == "aux":
+            aux_params[name] = value
+        else:  # Gluon save_parameters format: no arg:/aux: prefixes
+            (aux_params if name.endswith(("moving_mean", "moving_var", "running_mean", "running_var"))
+             else arg_params)[key] = value
+    return symbol, arg_params, aux_params
+
+
+def _cpu():
+    import mxnet as mx
+
+    return mx.cpu()
