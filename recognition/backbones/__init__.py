@@ -1,0 +1,100 @@
+"""Backbone registry: one dict of constructors, looked up by insightface's network names.
+
+>>> sym = get_symbol("y1")                      # data (N,3,112,112) RGB 0-255 -> fc1_output (N,128)
+>>> get_stages("r50")[0]                        # ('stem', '^(conv0|bn0|relu0)_')
+
+``gluon:NAME`` builds a gluoncv ImageNet backbone (``NAME`` as in ``gluoncv.model_zoo.get_model``) with the
+same normalisation and embedding head.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
+
+import mxnet as mx
+
+from recognition.backbones import fmobilefacenet, fresnet
+from recognition.backbones.layers import check_prelu_mode
+from recognition.common import ToolkitError
+
+GLUON_PREFIX = "gluon:"
+
+
+class NetworkSpec(NamedTuple):
+    """A registered network: ``build(name, emb_size, prelu, **overrides)``, default width, ``stages(name)``."""
+
+    build: Callable[..., mx.sym.Symbol]
+    emb_size: int
+    stages: Callable[[str], List[Tuple[str, str]]]
+    family: str
+
+
+NETWORKS: Dict[str, NetworkSpec] = {}
+
+
+def _register(module, specs: dict, emb_of: Callable[[tuple], int]) -> None:
+    for net_name, spec in specs.items():
+        NETWORKS[net_name] = NetworkSpec(module.build, emb_of(spec), module.stages, module.__name__.split(".")[-1])
+
+
+_register(fresnet, fresnet.SPECS, lambda s: s[2])
+_register(fmobilefacenet, fmobilefacenet.SPECS, lambda s: s[1])
+
+
+def list_networks() -> List[str]:
+    """Registered names, sorted (``gluon:NAME`` is open-ended and not listed)."""
+    return sorted(NETWORKS)
+
+
+def _spec(name: str) -> NetworkSpec:
+    if name in NETWORKS:
+        return NETWORKS[name]
+    if isinstance(name, str) and name.startswith(GLUON_PREFIX):
+        from recognition.backbones import gluon_zoo
+
+        return gluon_zoo.spec(name[len(GLUON_PREFIX):])
+    raise ToolkitError(f"--network {name!r}: unknown network; valid names: {', '.join(list_networks())}, "
+                       f"or gluon:NAME for a gluoncv ImageNet model (e.g. gluon:mobilenetv2_1.0)")
+
+
+def default_emb_size(name: str) -> int:
+    """The embedding width ``name`` produces without ``emb_size`` (insightface's config for that network)."""
+    return _spec(name).emb_size
+
+
+def get_symbol(name: str, emb_size: Optional[int] = None, prelu: str = "fast", **overrides) -> mx.sym.Symbol:
+    """Build network ``name`` as a single-output symbol ``fc1_output``.
+
+    Inputs: variable ``data`` (N, 3, 112, 112) float32 RGB 0-255 (normalised inside the graph).
+    Outputs: ``fc1_output`` (N, emb_size), unnormalised embedding.
+
+    ``prelu``: ``'fast'`` (CPU-fast formulation) or ``'stock'`` (``LeakyReLU act_type=prelu``); both have the same
+    parameters, so checkpoints move between them. ``overrides`` are family options (e.g. ``units``, ``widths``,
+    ``dropout``, ``bn_mom``, ``act_type`` for fresnet; ``blocks`` for MobileFaceNet; ``imagenet_pretrained`` for gluon).
+    """
+    spec = _spec(name)
+    check_prelu_mode(prelu)
+    if emb_size is None:
+        emb_size = spec.emb_size
+    if not isinstance(emb_size, int) or emb_size <= 0:
+        raise ToolkitError(f"--emb-size {emb_size!r}: must be a positive integer")
+    accepted = set(inspect.signature(spec.build).parameters) - {"name", "emb_size", "prelu"}
+    unknown = sorted(set(overrides) - accepted)
+    if unknown:
+        raise ToolkitError(f"network {name}: unknown option(s) {', '.join(unknown)}; "
+                           f"accepted: {', '.join(sorted(accepted)) or 'none'}")
+    sym = spec.build(name, emb_size, prelu=prelu, **overrides)
+    outputs = sym.list_outputs()
+    assert outputs == ["fc1_output"], outputs  # a builder bug, not a user error
+    return sym
+
+
+def get_stages(name: str) -> List[Tuple[str, str]]:
+    """``[(stage_name, regex), ...]`` from input to embedding; together they match every parameter name
+    (arguments except ``data``, and auxiliary states) of ``get_symbol(name)``. The last stage is ``embedding``.
+    """
+    spec = _spec(name)
+    return spec.stages(name)
+
+
+__all__ = ["NETWORKS", "NetworkSpec", "default_emb_size", "get_stages", "get_symbol", "list_networks"]

@@ -1,0 +1,90 @@
+"""Building blocks shared by the backbone families: input normalisation, PReLU, conv+BN, embedding heads.
+
+Every block takes explicit names so that parameters come out with insightface's names
+(``*_weight``, ``*_gamma``/``*_beta``, ``*_moving_mean``/``*_moving_var``, PReLU slope ``*_gamma``).
+"""
+from __future__ import annotations
+
+from typing import Tuple
+
+import mxnet as mx
+
+from recognition.common import ToolkitError
+
+BN_EPS = 2e-5
+PRELU_MODES = ("fast", "stock")
+
+
+def normalise_input(data: mx.sym.Symbol) -> mx.sym.Symbol:
+    """Map RGB 0-255 to about [-1, 1] inside the graph, as insightface does: ``(x - 127.5) * 0.0078125``."""
+    return (data - 127.5) * 0.0078125
+
+
+def check_prelu_mode(prelu: str) -> str:
+    """Return ``prelu`` when it is a known PReLU formulation, else raise a one-line :class:`ToolkitError`."""
+    if prelu not in PRELU_MODES:
+        raise ToolkitError(f"prelu={prelu!r}: unknown PReLU formulation; choose one of {', '.join(PRELU_MODES)}")
+    return prelu
+
+
+def prelu(data: mx.sym.Symbol, name: str, num_channels: int, mode: str = "fast") -> mx.sym.Symbol:
+    """Per-channel PReLU ``y = max(x, 0) + gamma * min(x, 0)`` with the slope variable ``NAME_gamma`` of shape (C,).
+
+    Inputs: ``data`` (N, C, H, W) or (N, C). Outputs: same shape.
+
+    ``mode='stock'`` is MXNet's ``LeakyReLU(act_type='prelu')``. ``mode='fast'`` is the same function and the same
+    parameter (checkpoints load into either) written with operators whose backward pass is fast on CPU; see
+    :func:`recognition.backbones.fast_prelu.fast_prelu` for the formulation and the measurements behind it.
+    """
+    if mode == "stock":
+        gamma = mx.sym.var(name + "_gamma", shape=(num_channels,), init=mx.init.Constant(0.25))
+        return mx.sym.LeakyReLU(data=data, gamma=gamma, act_type="prelu", name=name)
+    from recognition.backbones.fast_prelu import fast_prelu
+
+    return fast_prelu(data, name, num_channels)
+
+
+def act(data: mx.sym.Symbol, name: str, num_channels: int, act_type: str = "prelu",
+        prelu_mode: str = "fast") -> mx.sym.Symbol:
+    """Activation by insightface's ``net_act`` name: ``prelu`` (parameter ``NAME_gamma``) or an ``Activation``."""
+    if act_type == "prelu":
+        return prelu(data, name, num_channels, prelu_mode)
+    return mx.sym.Activation(data=data, act_type=act_type, name=name)
+
+
+def batchnorm(data: mx.sym.Symbol, name: str, fix_gamma: bool = False, bn_mom: float = 0.9) -> mx.sym.Symbol:
+    """BatchNorm with insightface's settings (eps 2e-5); parameters ``NAME_gamma/_beta/_moving_mean/_moving_var``."""
+    return mx.sym.BatchNorm(data=data, fix_gamma=fix_gamma, eps=BN_EPS, momentum=bn_mom, name=name)
+
+
+def conv(data: mx.sym.Symbol, name: str, num_filter: int, kernel: Tuple[int, int] = (1, 1),
+         stride: Tuple[int, int] = (1, 1), pad: Tuple[int, int] = (0, 0), num_group: int = 1) -> mx.sym.Symbol:
+    """Bias-free convolution ``NAME_weight`` of shape (num_filter, C_in / num_group, kh, kw)."""
+    return mx.sym.Convolution(data=data, num_filter=num_filter, kernel=kernel, stride=stride, pad=pad,
+                              num_group=num_group, no_bias=True, name=name)
+
+
+def embedding_head(body: mx.sym.Symbol, emb_size: int, kind: str, in_channels: int = 512, bn_mom: float = 0.9,
+                   dropout: float = 0.4, gdc_group: int = 0) -> mx.sym.Symbol:
+    """insightface's output heads (``net_output``), all ending at the BatchNorm ``fc1`` (node ``fc1_output``).
+
+    Inputs: ``body`` (N, C, 7, 7). Outputs: (N, emb_size).
+
+    - ``'E'``: BN ``bn1`` -> Dropout -> FC ``pre_fc1`` -> BN ``fc1`` (fresnet).
+    - ``'GDC'``: global depthwise 7x7 ``conv_6dw7_7`` (+BN, no activation) -> FC ``pre_fc1`` -> BN ``fc1``
+      (MobileFaceNet); ``gdc_group`` groups (default: one per output channel, ``in_channels`` outputs).
+    - ``'J'``: FC ``pre_fc1`` -> BN ``fc1`` (vargfacenet, whose own block already pooled to 1x1).
+    The final BN has ``fix_gamma=True`` as in insightface.
+    """
+    if kind == "E":
+        body = batchnorm(body, "bn1", bn_mom=bn_mom)
+        if dropout > 0:
+            body = mx.sym.Dropout(data=body, p=dropout)
+    elif kind == "GDC":
+        groups = gdc_group or in_channels
+        body = conv(body, "conv_6dw7_7_conv2d", in_channels, kernel=(7, 7), num_group=groups)
+        body = batchnorm(body, "conv_6dw7_7_batchnorm", bn_mom=bn_mom)
+    elif kind != "J":
+        raise ToolkitError(f"embedding head {kind!r}: unknown; choose one of E, GDC, J")
+    body = mx.sym.FullyConnected(data=body, num_hidden=emb_size, name="pre_fc1")
+    return batchnorm(body, "fc1", fix_gamma=True, bn_mom=bn_mom)
