@@ -1,0 +1,460 @@
+"""Face verification on insightface ``.bin`` pair sets (LFW, CFP-FP, AgeDB-30) with insightface's maths.
+
+A ``.bin`` is a pickle of ``(list_of_encoded_images, issame_list)``; images ``2i`` and ``2i+1`` form pair ``i``.
+Embedding of an image = L2-normalise(emb(img) + emb(horizontally flipped img)); distance = squared L2;
+10 folds in order, the threshold is chosen on 9 folds from ``np.arange(0, 4, 0.01)`` and scored on the 10th.
+
+Command::
+
+    python -m recognition.verification --model ../models/model-y1-test2/model,0 --target lfw.bin,cfp_fp.bin
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import pickle
+import sys
+import time
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from recognition.common import ToolkitError, atomic_write, load_checkpoint, parse_ctx, parse_prefix_epoch, run_cli
+
+logger = logging.getLogger("recognition")
+
+THRESHOLDS = np.arange(0, 4, 0.01)
+EMBED_NODE = "fc1_output"
+EmbedFn = Callable[[np.ndarray], np.ndarray]
+
+
+# ----------------------------------------------------------------------------------------------- safe unpickling
+def _latin1_encode(text, encoding="latin1"):
+    """Python 3 writes ``bytes`` in protocol-2 pickles as ``_codecs.encode(str, 'latin1')``: allow only that."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError("_codecs.encode is only allowed as encode(str, 'latin1')")
+    return text.encode("latin1")
+
+
+def _safe_dtype(spec, align=False, copy=False):
+    """``numpy.dtype`` restricted to plain numeric/bool dtypes (no object arrays: those unpickle arbitrary globals)."""
+    dt = np.dtype(spec)
+    if dt.kind not in "biuf" or dt.hasobject:
+        raise pickle.UnpicklingError(f"numpy dtype {dt} is not allowed")
+    return dt
+
+
+def _safe_reconstruct(cls, shape, dtype_code):
+    """``numpy.core.multiarray._reconstruct`` for plain ``ndarray`` only (the array data follows in BUILD)."""
+    if cls is not np.ndarray:
+        raise pickle.UnpicklingError("_reconstruct is only allowed for numpy.ndarray")
+    return np.ndarray.__new__(np.ndarray, shape, dtype_code)
+
+
+def _safe_scalar(dtype, data=None):
+    """``numpy.core.multiarray.scalar`` for bool/int scalars (issame lists saved as numpy booleans)."""
+    if not isinstance(dtype, np.dtype) or dtype.kind not in "biu":
+        raise pickle.UnpicklingError("numpy scalar is only allowed for bool/int dtypes")
+    return np.frombuffer(data, dtype=dtype, count=1)[0]
+
+
+_ALLOWED = {("_codecs", "encode"): _latin1_encode, ("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): _safe_dtype}
+for _mod in ("numpy.core.multiarray", "numpy._core.multiarray"):  # numpy 1.x and 2.x pickles
+    _ALLOWED[(_mod, "_reconstruct")] = _safe_reconstruct
+    _ALLOWED[(_mod, "scalar")] = _safe_scalar
+
+
+class _SafeUnpickler(pickle.Unpickler):
+    """Unpickler whose globals are limited to :data:`_ALLOWED`: only bytes, arrays, lists, tuples, bools, ints."""
+
+    def __init__(self, f, path: str):
+        super().__init__(f, encoding="bytes")  # insightface's bins are Python 2 pickles of ``str`` bytes
+        self._path = path
+
+    def find_class(self, module, name):
+        key = (module, name)
+        if key not in _ALLOWED:
+            raise ToolkitError(f"{self._path}: refusing to unpickle forbidden global {module}.{name} "
+                               "(a .bin may only hold image bytes, arrays, lists and bools)")
+        return _ALLOWED[key]
+
+    def persistent_load(self, pid):
+        raise ToolkitError(f"{self._path}: refusing a pickle persistent id (not an insightface .bin)")
+
+
+def safe_load_pickle(path: str):
+    """Unpickle ``path`` with :class:`_SafeUnpickler`; errors become one-line :class:`ToolkitError`."""
+    if not os.path.isfile(path):
+        raise ToolkitError(f"verification set {path} does not exist")
+    try:
+        with open(path, "rb") as f:
+            return _SafeUnpickler(f, path).load()
+    except ToolkitError:
+        raise
+    except Exception as exc:  # UnpicklingError, EOFError, ValueError from a truncated or foreign file
+        raise ToolkitError(f"{path}: not a readable insightface .bin pickle ({type(exc).__name__}: {exc})") from None
+
+
+# ------------------------------------------------------------------------------------------------- reading .bin
+def read_bin(path: str, image_size: Sequence[int] = (112, 112)) -> Tuple[np.ndarray, np.ndarray]:
+    """Decode a ``.bin`` into ``(images uint8 (N, 3, H, W) RGB, issame bool (N/2,))`` after checking its layout."""
+    import cv2
+
+    obj = safe_load_pickle(path)
+    if not isinstance(obj, (tuple, list)) or len(obj) != 2:
+        raise ToolkitError(f"{path}: expected a pickle of (images, issame_list), got {type(obj).__name__}")
+    bins, issame = obj
+    bins, issame = list(bins), [bool(x) for x in issame]
+    if len(bins) % 2:
+        raise ToolkitError(f"{path}: odd number of images ({len(bins)}); pairs must be consecutive")
+    if len(bins) != 2 * len(issame):
+        raise ToolkitError(f"{path}: {len(bins)} images but {len(issame)} pair labels (need 2 images per pair)")
+    if not issame:
+        raise ToolkitError(f"{path}: holds no pairs")
+    h, w = int(image_size[0]), int(image_size[1])
+    out = np.empty((len(bins), 3, h, w), dtype=np.uint8)
+    for i, b in enumerate(bins):
+        buf = np.frombuffer(bytes(b), dtype=np.uint8) if not isinstance(b, np.ndarray) else b.astype(np.uint8)
+        img = cv2.imdecode(buf, cv2.IMREAD_COLOR) if buf.size else None
+        if img is None:
+            raise ToolkitError(f"{path}: image {i} cannot be decoded (not a JPEG/PNG byte string)")
+        if img.shape[:2] != (h, w):
+            img = cv2.resize(img, (w, h), interpolation=cv2.INTER_LINEAR)
+        out[i] = cv2.cvtColor(img, cv2.COLOR_BGR2RGB).transpose(2, 0, 1)
+    return out, np.asarray(issame, dtype=bool)
+
+
+def load_bin(path: str, image_size: Sequence[int] = (112, 112)):
+    """insightface's ``load_bin``: ``([NCHW nd.array, its horizontal mirror], issame_list)``, float32 RGB 0-255."""
+    import mxnet as mx
+
+    images, issame = read_bin(path, image_size)
+    data = images.astype(np.float32)
+    return [mx.nd.array(data), mx.nd.array(data[:, :, :, ::-1])], list(issame.tolist())
+
+
+# -------------------------------------------------------------------------------------------------- embedding
+def _forward_padded(module, batch: np.ndarray, bound_batch: int, output: int = 0) -> np.ndarray:
+    """Forward ``batch`` (n <= bound_batch, C, H, W) through a bound Module, padding the last partial batch."""
+    import mxnet as mx
+
+    n = batch.shape[0]
+    if n < bound_batch:
+        pad = np.zeros((bound_batch - n,) + batch.shape[1:], dtype=np.float32)
+        batch = np.concatenate([batch, pad], axis=0)
+    module.forward(mx.io.DataBatch(data=[mx.nd.array(batch)]), is_train=False)
+    return module.get_outputs()[output].asnumpy()[:n].astype(np.float32, copy=False)
+
+
+class Embedder:
+    """Bind an embedding symbol once for inference; ``embed(x)`` returns the un-normalised ``fc1_output``.
+
+    Inputs: ``x`` float32 (N, 3, H, W) RGB 0-255 (numpy or NDArray), any N. Outputs: float32 numpy (N, E).
+    """
+
+    def __init__(self, symbol, arg_params: dict, aux_params: dict, ctx=None, batch_size: int = 32,
+                 data_shape: Sequence[int] = (3, 112, 112)):
+        self.symbol, self.arg_params, self.aux_params = symbol, arg_params, aux_params
+        self.ctx = ctx if ctx is not None else parse_ctx(None)
+        self.batch_size, self.data_shape = int(batch_size), tuple(int(d) for d in data_shape)
+        missing = sorted(set(symbol.list_arguments()) - {"data"} - set(arg_params)) + \
+            sorted(set(symbol.list_auxiliary_states()) - set(aux_params))
+        if missing:
+            raise ToolkitError(f"checkpoint lacks {len(missing)} parameter(s) the graph needs: "
+                               f"{', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
+        self._bind()
+
+    def _bind(self) -> None:
+        import mxnet as mx
+
+        # recognition/__init__ sets MXNET_SUBGRAPH_BACKEND=NONE before mxnet loads; MXNet reads it at bind time,
+        # so setting it here too covers users who imported mxnet first (see DESIGN.md, MKLDNN TBlob failure).
+        os.environ.setdefault("MXNET_SUBGRAPH_BACKEND", "NONE")
+        self.module = mx.mod.Module(symbol=self.symbol, data_names=["data"], label_names=None, context=self.ctx)
+        self.module.bind(data_shapes=[("data", (self.batch_size,) + self.data_shape)], for_training=False)
+        self.module.set_params(self.arg_params, self.aux_params, allow_missing=False, allow_extra=True)
+
+    @classmethod
+    def from_checkpoint(cls, prefix: str, epoch: int, ctx=None, batch_size: int = 32,
+                        data_shape: Sequence[int] = (3, 112, 112)) -> "Embedder":
+        """Load ``PREFIX-symbol.json`` + ``PREFIX-%04d.params`` (full or slim) and cut the graph at ``fc1_output``."""
+        symbol, arg_params, aux_params = load_checkpoint(prefix, epoch)
+        return cls(cut_at_embedding(symbol, f"{prefix}-symbol.json"), arg_params, aux_params, ctx,
+                   batch_size, data_shape)
+
+    def __call__(self, x) -> np.ndarray:
+        x = x.asnumpy() if hasattr(x, "asnumpy") else np.asarray(x)
+        if x.ndim != 4 or tuple(x.shape[1:]) != self.data_shape:
+            raise ToolkitError(f"Embedder: expected input (N, {', '.join(map(str, self.data_shape))}), "
+                               f"got {tuple(x.shape)}")
+        x = x.astype(np.float32, copy=False)
+        outs = []
+        for start in range(0, x.shape[0], self.batch_size):
+            outs.append(self._forward(x[start:start + self.batch_size]))
+        if not outs:
+            return np.zeros((0, self.embedding_size), dtype=np.float32)
+        return np.concatenate(outs, axis=0)
+
+    embed = __call__
+
+    def _forward(self, batch: np.ndarray) -> np.ndarray:
+        try:
+            return _forward_padded(self.module, batch, self.batch_size)
+        except Exception as exc:
+            if "TBlob for MKLDNN" not in str(exc) or os.environ.get("MXNET_SUBGRAPH_BACKEND") == "NONE":
+                raise
+            logger.warning("MKLDNN subgraph failed at asnumpy(); rebinding with MXNET_SUBGRAPH_BACKEND=NONE")
+            os.environ["MXNET_SUBGRAPH_BACKEND"] = "NONE"
+            self._bind()
+            return _forward_padded(self.module, batch, self.batch_size)
+
+    @property
+    def embedding_size(self) -> int:
+        return int(self.module.output_shapes[0][1][1])
+
+
+def cut_at_embedding(symbol, where: str = "symbol"):
+    """Return the ``fc1_output`` node of ``symbol`` (drops fc7/softmax of a training checkpoint)."""
+    internals = symbol.get_internals()
+    outputs = internals.list_outputs()
+    if EMBED_NODE not in outputs:
+        shown = symbol.list_outputs()
+        raise ToolkitError(f"{where}: no '{EMBED_NODE}' node to take the embedding from (graph outputs: "
+                           f"{', '.join(shown)}; last internal nodes: {', '.join(outputs[-4:])})")
+    return internals[EMBED_NODE]
+
+
+# ----------------------------------------------------------------------------------------------------- maths
+def _fold_indices(n: int, nrof_folds: int) -> List[np.ndarray]:
+    """Consecutive folds like ``sklearn.model_selection.KFold(shuffle=False)`` (first folds one larger)."""
+    if nrof_folds < 2 or nrof_folds > n:
+        raise ToolkitError(f"--nfolds {nrof_folds}: need 2 <= folds <= number of pairs ({n})")
+    return np.array_split(np.arange(n), nrof_folds)
+
+
+def _accuracy_grid(dist: np.ndarray, issame: np.ndarray) -> np.ndarray:
+    """Accuracy of ``dist < t`` for every t in :data:`THRESHOLDS`: (T,)."""
+    pred = dist[None, :] < THRESHOLDS[:, None]
+    return (pred == issame[None, :]).mean(axis=1)
+
+
+def kfold_accuracy(dist: np.ndarray, issame: np.ndarray, nrof_folds: int = 10) -> Tuple[np.ndarray, np.ndarray]:
+    """insightface's ``calculate_roc`` accuracy: per-fold accuracy (K,) and chosen thresholds (K,)."""
+    folds = _fold_indices(len(dist), nrof_folds)
+    acc, thr = np.zeros(len(folds)), np.zeros(len(folds))
+    for k, test_idx in enumerate(folds):
+        train_mask = np.ones(len(dist), dtype=bool)
+        train_mask[test_idx] = False
+        best = int(np.argmax(_accuracy_grid(dist[train_mask], issame[train_mask])))  # first maximum, as insightface
+        thr[k] = THRESHOLDS[best]
+        acc[k] = np.mean((dist[test_idx] < thr[k]) == issame[test_idx])
+    return acc, thr
+
+
+def tar_at_far(dist: np.ndarray, issame: np.ndarray, far: float) -> float:
+    """True-accept rate at the largest threshold whose empirical FAR (impostors with dist < t) is <= ``far``.
+
+    No interpolation: with fewer than ``1/far`` impostor pairs the only admissible threshold accepts no impostor,
+    so the figure is the TAR at zero false accepts (``evaluate`` reports the FAR resolution ``1/#impostors``).
+    """
+    genuine, impostor = np.sort(dist[issame]), np.sort(dist[~issame])
+    if len(genuine) == 0 or len(impostor) == 0:
+        return float("nan")
+    k = int(np.floor(far * len(impostor)))  # false accepts allowed
+    t = impostor[k] if k < len(impostor) else np.inf  # accept dist < t: exactly k impostors (ties excluded)
+    return float(np.mean(genuine < t))
+
+
+def evaluate(embeddings: np.ndarray, issame, nrof_folds: int = 10) -> Dict:
+    """Verification figures for L2-normalised ``embeddings`` (2P, E), pairs ``(2i, 2i+1)``, ``issame`` (P,).
+
+    Returns ``acc``/``std`` (k-fold), ``fold_acc``, ``fold_thresholds``, ``best_threshold``/``best_threshold_acc``
+    (over all pairs), ``tar_at_far`` ({1e-3, 1e-4}), ``far_resolution``, ``auc``, ``eer``, ``roc`` (fpr, tpr).
+    """
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    issame = np.asarray(issame, dtype=bool)
+    emb = np.asarray(embeddings, dtype=np.float64)
+    dist = np.sum(np.square(emb[0::2] - emb[1::2]), axis=1)
+    fold_acc, fold_thr = kfold_accuracy(dist, issame, nrof_folds)
+    grid = _accuracy_grid(dist, issame)
+    best = int(np.argmax(grid))
+    out = {"acc": float(np.mean(fold_acc)), "std": float(np.std(fold_acc)), "fold_acc": fold_acc,
+           "fold_thresholds": fold_thr, "best_threshold": float(THRESHOLDS[best]),
+           "best_threshold_acc": float(grid[best]), "num_pairs": int(len(dist)),
+           "tar_at_far": {far: tar_at_far(dist, issame, far) for far in (1e-3, 1e-4)},
+           "far_resolution": 1.0 / max(1, int((~issame).sum())),
+           "auc": float("nan"), "eer": float("nan"), "roc": (np.zeros(0), np.zeros(0))}
+    if issame.any() and (~issame).any():
+        fpr, tpr, _ = roc_curve(issame, -dist)
+        out["auc"] = float(roc_auc_score(issame, -dist))
+        out["eer"] = _eer(fpr, tpr)
+        out["roc"] = (fpr, tpr)
+    return out
+
+
+def _eer(fpr: np.ndarray, tpr: np.ndarray) -> float:
+    """Equal error rate: where FAR = FRR on the ROC, linearly interpolated between the bracketing points."""
+    gap = (1.0 - tpr) - fpr  # decreasing along the curve
+    i = int(np.argmax(gap <= 0))
+    if i == 0:
+        return float(fpr[0])
+    g0, g1 = gap[i - 1], gap[i]
+    w = g0 / (g0 - g1) if g0 != g1 else 0.0
+    return float(fpr[i - 1] + w * (fpr[i] - fpr[i - 1]))
+
+
+def _l2n(x: np.ndarray) -> np.ndarray:
+    norm = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.maximum(norm, 1e-12)
+
+
+# ------------------------------------------------------------------------------------------------ test drivers
+def embed_pairs(data_set, embed_fn: EmbedFn, batch_size: int = 32, progress: bool = False,
+                desc: str = "verify") -> Tuple[np.ndarray, np.ndarray, list]:
+    """Embed a data set of either form; returns ``(emb (N, E), emb_flip (N, E), issame)``, both un-normalised.
+
+    ``data_set`` is ``(data_list, issame)`` from :func:`load_bin` (``[images, mirrored]`` NDArrays) or from
+    :func:`read_bin` wrapped as ``([uint8 images], issame)`` (mirrors are made per batch, saving memory).
+    """
+    from tqdm import tqdm
+
+    data_list, issame = data_set
+    images = data_list[0]
+    mirrored = data_list[1] if len(data_list) > 1 else None
+    n = images.shape[0]
+    embs: List[List[np.ndarray]] = [[], []]
+    bar = tqdm(total=n, desc=desc, unit="img", disable=not progress or not sys.stderr.isatty(), leave=False)
+    for start in range(0, n, batch_size):
+        batch = _as_numpy(images[start:start + batch_size])
+        flip = _as_numpy(mirrored[start:start + batch_size]) if mirrored is not None else batch[:, :, :, ::-1]
+        embs[0].append(np.asarray(embed_fn(np.ascontiguousarray(batch, dtype=np.float32)), dtype=np.float32))
+        embs[1].append(np.asarray(embed_fn(np.ascontiguousarray(flip, dtype=np.float32)), dtype=np.float32))
+        bar.update(batch.shape[0])
+    bar.close()
+    return np.concatenate(embs[0]), np.concatenate(embs[1]), list(issame)
+
+
+def _as_numpy(x) -> np.ndarray:
+    return x.asnumpy() if hasattr(x, "asnumpy") else np.asarray(x)
+
+
+def test_bin(data_set, embed_fn: EmbedFn, batch_size: int = 32, nfolds: int = 10, progress: bool = False,
+             desc: str = "verify") -> Dict:
+    """Verification of ``embed_fn`` on a data set (see :func:`embed_pairs`), insightface maths.
+
+    Returns :func:`evaluate`'s dict (flip-summed) plus ``acc_noflip``/``std_noflip``, ``xnorm`` (mean norm of the
+    un-normalised embeddings, original and mirrored), ``embeddings`` (2P, E normalised) and ``seconds``.
+    """
+    t0 = time.time()
+    emb, emb_flip, issame = embed_pairs(data_set, embed_fn, batch_size, progress, desc)
+    res = evaluate(_l2n(emb + emb_flip), issame, nfolds)
+    plain = evaluate(_l2n(emb), issame, nfolds)
+    res.update(acc_noflip=plain["acc"], std_noflip=plain["std"], embeddings=_l2n(emb + emb_flip),
+               xnorm=float(np.mean(np.linalg.norm(np.concatenate([emb, emb_flip]), axis=1))),
+               seconds=time.time() - t0, raw=(emb, emb_flip))
+    return res
+
+
+def test(data_set, mx_model, batch_size: int, nfolds: int = 10, data_extra=None, label_shape=None):
+    """insightface's ``test``: ``(acc1, std1, acc2, std2, xnorm, [emb, emb_flip])`` for a Module bound for inference.
+
+    ``acc2``/``std2`` are the flip-summed figures insightface prints; ``acc1``/``std1`` are the no-flip figures
+    (insightface returns 0.0 there). ``data_extra``/``label_shape`` are accepted for signature compatibility.
+    """
+    bound = mx_model.data_shapes[0].shape[0] if hasattr(mx_model.data_shapes[0], "shape") \
+        else mx_model.data_shapes[0][1][0]
+
+    def embed_fn(x):
+        return np.concatenate([_forward_padded(mx_model, x[s:s + bound], bound) for s in range(0, len(x), bound)])
+
+    r = test_bin(data_set, embed_fn, batch_size, nfolds)
+    return r["acc_noflip"], r["std_noflip"], r["acc"], r["std"], r["xnorm"], list(r["raw"])
+
+
+def verify_targets(paths: Sequence[str], embed_fn: EmbedFn, batch_size: int = 32, nfolds: int = 10,
+                   image_size: Sequence[int] = (112, 112), progress: bool = False) -> Dict[str, Dict]:
+    """Run :func:`test_bin` on each ``.bin`` in ``paths``; returns ``{name: results}`` (name = file stem)."""
+    for p in paths:  # fail before spending compute on the first target
+        if not os.path.isfile(p):
+            raise ToolkitError(f"--target: verification set {p} does not exist")
+    results = {}
+    for p in paths:
+        name = os.path.splitext(os.path.basename(p))[0]
+        images, issame = read_bin(p, image_size)
+        results[name] = test_bin(([images], issame), embed_fn, batch_size, nfolds, progress, desc=name)
+    return results
+
+
+def format_result(name: str, r: Dict) -> str:
+    """insightface-style report lines for one target."""
+    tar = ", ".join(f"TAR@FAR={far:g}: {v:.5f}" for far, v in r["tar_at_far"].items())
+    return (f"[{name}]XNorm: {r['xnorm']:f}\n[{name}]Accuracy: {r['acc_noflip']:.5f}+-{r['std_noflip']:.5f}\n"
+            f"[{name}]Accuracy-Flip: {r['acc']:.5f}+-{r['std']:.5f}\n"
+            f"[{name}]best-threshold accuracy {r['best_threshold_acc']:.5f} at {r['best_threshold']:.2f}; {tar} "
+            f"(FAR resolution {r['far_resolution']:.1e}); AUC {r['auc']:.5f}; EER {r['eer']:.5f}; "
+            f"{r['num_pairs']} pairs in {r['seconds']:.1f}s")
+
+
+def save_roc_png(path: str, results: Dict[str, Dict]) -> None:
+    """Write the ROC curves (TPR vs log FPR) of every target to a PNG, atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for name, r in results.items():
+        fpr, tpr = r["roc"]
+        ax.plot(np.maximum(fpr, 1e-5), tpr, label=f"{name} (AUC {r['auc']:.4f})")
+    ax.set_xscale("log")
+    ax.set_xlabel("false accept rate")
+    ax.set_ylabel("true accept rate")
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    with atomic_write(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=100)
+    plt.close(fig)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="ifr-verify", description="Verification accuracy of a checkpoint on .bin sets")
+    p.add_argument("--model", required=True, help="PREFIX,EPOCH of the checkpoint (full or slim)")
+    p.add_argument("--target", required=True, help="comma-separated .bin files (lfw.bin,cfp_fp.bin,...)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--nfolds", type=int, default=10)
+    p.add_argument("--image-size", default="112,112", help="H,W of the network input")
+    p.add_argument("--roc-png", default="", help="write the ROC curves to this PNG")
+    p.add_argument("--ctx", default="", help="cpu, gpu:0, ... (default: CUDA_VISIBLE_DEVICES or cpu)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = p.parse_args(argv)
+    if args.batch_size < 1:
+        raise ToolkitError(f"--batch-size {args.batch_size}: must be >= 1")
+    try:
+        size = tuple(int(v) for v in args.image_size.split(","))
+        assert len(size) == 2
+    except (ValueError, AssertionError):
+        raise ToolkitError(f"--image-size {args.image_size!r}: expected H,W such as 112,112") from None
+    prefix, epoch = parse_prefix_epoch(args.model, "--model")
+    targets = [t for t in args.target.split(",") if t]
+    for t in targets:
+        if not os.path.isfile(t):
+            raise ToolkitError(f"--target: verification set {t} does not exist")
+    embedder = Embedder.from_checkpoint(prefix, epoch, parse_ctx(args.ctx), args.batch_size, (3,) + size)
+    results = verify_targets(targets, embedder, args.batch_size, args.nfolds, size, progress=not args.no_progress)
+    for name, r in results.items():
+        print(format_result(name, r))
+    if args.roc_png:
+        save_roc_png(args.roc_png, results)
+        print(f"ROC curve written to {args.roc_png}")
+    return 0
+
+
+def cli() -> None:
+    sys.exit(run_cli(main))
+
+
+if __name__ == "__main__":
+    cli()
