@@ -252,3 +252,36 @@ def test_sphere_lambda_schedule():
     assert sphere_lambda_at(cfg, 0) == 1000.0
     assert sphere_lambda_at(cfg, 10 + 100) == pytest.approx(1000.0 / (1 + 0.12 * 100))
     assert sphere_lambda_at(cfg, 10 ** 6) == 5.0
+
+
+# ---------------------------------------------------------------- center loss (Wen et al. 2016)
+def test_center_loss_value_gradient_and_centre_update():
+    rng = np.random.default_rng(4)
+    x, w, _, _ = head_inputs(rng, b=6, e=4, c=3)
+    label = np.array([0, 0, 1, 2, 2, 2])
+    centres = rng.standard_normal((3, 4))
+    weight, alpha = 0.3, 0.5
+    cfg = make_loss_config("arcface", margin_s=4.0, center_loss_weight=weight, center_alpha=alpha)
+    sym, info = build_train_symbol(mx.sym.Variable("emb"), 3, cfg, emb_size=4)
+    assert info["aux_params"] == ["center_loss_centers"] and info["outputs"][-1] == "center_loss_output"
+    ex = sym.bind(mx.cpu(), args={"emb": mx.nd.array(x), "fc7_weight": mx.nd.array(w),
+                                  "softmax_label": mx.nd.array(label)},
+                  args_grad={"emb": mx.nd.zeros(x.shape)},
+                  grad_req={"emb": "write", "fc7_weight": "null", "softmax_label": "null"},
+                  aux_states={"center_loss_centers": mx.nd.array(centres)})
+    ex.forward(is_train=True)
+    ex.backward()
+    diff = x - centres[label]
+    np.testing.assert_allclose(ex.outputs[2].asnumpy(), [weight * 0.5 * (diff ** 2).sum(1).mean()], rtol=1e-5)
+    # embedding gradient = softmax part (numpy FD) + weight * (x - c_y) / B
+    g_soft = num_grad(lambda: ref_ce(x, w, None, label, cfg), x)
+    np.testing.assert_allclose(ex.grad_dict["emb"].asnumpy(), g_soft + weight * diff / len(x), rtol=2e-3, atol=2e-5)
+    # centre update, Wen et al. Eq. 4: c_j -= alpha * sum_{y_i=j}(c_j - x_i) / (1 + n_j)
+    expect = centres.copy()
+    for j in range(3):
+        sel = label == j
+        expect[j] -= alpha * (centres[j] - x[sel]).sum(0) / (1 + sel.sum())
+    np.testing.assert_allclose(ex.aux_dict["center_loss_centers"].asnumpy(), expect, rtol=1e-5, atol=1e-6)
+    # inference (no backward) leaves the centres alone
+    ex.forward(is_train=False)
+    np.testing.assert_allclose(ex.aux_dict["center_loss_centers"].asnumpy(), expect, rtol=1e-5, atol=1e-6)
