@@ -1,0 +1,189 @@
+"""Command-line flags shared by ``train.py``, ``train_softmax.py`` and ``train_parall.py``: one definition each.
+
+Every flag defaults to ``None`` ("not given"), so the configuration tree (``recognition.train_config``) supplies
+the default and ``--config``/``--set`` can override it; :func:`explicit_values` returns what the user typed.
+Flag names and meanings follow insightface's ``recognition/train.py`` and ``src/train_softmax.py``.
+"""
+from __future__ import annotations
+
+import argparse
+from typing import Dict, Optional, Sequence
+
+from recognition.common import ToolkitError
+
+# insightface src/train_softmax.py --loss-type numbers -> loss names (see its get_symbol):
+# 0 softmax (plain FC), 1 SphereFace (LSoftmax, multiplicative angular margin), 2 CosFace / AM-softmax
+# s*(cos - m), 4 ArcFace s*cos(theta + m), 5 combined s*(cos(a*theta + m) - b), 12 triplet (squared L2 between
+# normalised embeddings, --triplet-alpha), 13 triplet with angular distance arccos (margin --margin-m, radians).
+LOSS_TYPES: Dict[int, str] = {0: "softmax", 1: "sphereface", 2: "cosface", 4: "arcface", 5: "combined",
+                              12: "triplet", 13: "atriplet"}
+
+
+def _int01(text: str) -> int:
+    if text not in ("0", "1"):
+        raise argparse.ArgumentTypeError(f"expected 0 or 1, got {text!r}")
+    return int(text)
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """``--network --emb-size --prelu``."""
+    g = parser.add_argument_group("model")
+    g.add_argument("--network", default=None, help="backbone name (r100, r50, y1, tiny, gluon:NAME, ...)")
+    g.add_argument("--emb-size", type=int, default=None, help="embedding width (default: the network's)")
+    g.add_argument("--prelu", choices=("fast", "stock"), default=None,
+                   help="PReLU formulation (same parameters; 'fast' is quicker on CPU)")
+
+
+def add_loss_args(parser: argparse.ArgumentParser) -> None:
+    """``--loss --center-loss-weight`` (insightface train.py)."""
+    from recognition.heads import LOSSES
+
+    g = parser.add_argument_group("loss")
+    g.add_argument("--loss", default=None, help=f"loss name: {', '.join(LOSSES)}")
+    g.add_argument("--center-loss-weight", type=float, default=None, help="add centre loss with this weight")
+
+
+def add_legacy_loss_args(parser: argparse.ArgumentParser) -> None:
+    """``--loss-type`` and margins of insightface's older ``train_softmax.py``."""
+    g = parser.add_argument_group("loss (train_softmax.py flags)")
+    g.add_argument("--loss-type", type=int, default=None,
+                   help="; ".join(f"{k} {v}" for k, v in LOSS_TYPES.items()) + " (default 4)")
+    g.add_argument("--margin-s", type=float, default=None, help="scale s")
+    g.add_argument("--margin-m", type=float, default=None,
+                   help="margin m: ArcFace angle (type 4/5), CosFace cosine margin (type 2), atriplet angle (13)")
+    g.add_argument("--margin-a", type=float, default=None, help="angle multiplier a (type 1/5)")
+    g.add_argument("--margin-b", type=float, default=None, help="cosine margin b (type 5)")
+    g.add_argument("--easy-margin", type=_int01, default=None, help="ArcFace easy margin 0|1")
+    g.add_argument("--triplet-alpha", type=float, default=None, help="triplet margin (type 12)")
+    g.add_argument("--center-loss-weight", type=float, default=None, help="add centre loss with this weight")
+    for flag in ("--version-se", "--version-input", "--version-output", "--version-unit", "--version-act",
+                 "--version-multiplier"):
+        g.add_argument(flag, default=None, help="accepted for compatibility; the network registry fixes it")
+
+
+def add_data_args(parser: argparse.ArgumentParser) -> None:
+    """``--dataset --data-dir --per-batch-size --target``."""
+    g = parser.add_argument_group("data")
+    g.add_argument("--dataset", default=None, help="dataset name in the config (emore, retina, synth) or a folder")
+    g.add_argument("--data-dir", default=None, help="folder with train.rec/train.idx/property (overrides --dataset)")
+    g.add_argument("--per-batch-size", type=int, default=None, help="batch per device")
+    g.add_argument("--target", default=None,
+                   help="verification sets, comma separated: names resolved as DATA_DIR/NAME.bin, or .bin paths")
+    g.add_argument("--num-workers", type=int, default=None, help="image decoding threads")
+
+
+def add_optim_args(parser: argparse.ArgumentParser) -> None:
+    """SGD, schedule and per-parameter multipliers."""
+    g = parser.add_argument_group("optimisation")
+    g.add_argument("--lr", type=float, default=None, help="start learning rate")
+    g.add_argument("--lr-steps", default=None, help="batches at which lr is multiplied by 0.1, e.g. 100000,160000")
+    g.add_argument("--warmup-steps", type=int, default=None, help="linear lr warm-up over this many batches")
+    g.add_argument("--wd", type=float, default=None, help="weight decay")
+    g.add_argument("--mom", type=float, default=None, help="momentum")
+    g.add_argument("--max-steps", type=int, default=None, help="stop after this many batches (0: --end-epoch)")
+    g.add_argument("--end-epoch", type=int, default=None, help="stop after this many epochs")
+    g.add_argument("--fc7-lr-mult", type=float, default=None, help="lr multiplier of the classifier")
+    g.add_argument("--fc7-wd-mult", type=float, default=None, help="wd multiplier of the classifier")
+    g.add_argument("--backbone-lr-mult", type=float, default=None, help="lr multiplier of the backbone (stage all)")
+
+
+def add_finetune_args(parser: argparse.ArgumentParser) -> None:
+    """``--pretrained`` and the fine-tuning policy."""
+    g = parser.add_argument_group("fine-tuning")
+    g.add_argument("--pretrained", default=None, help="PREFIX,EPOCH of a checkpoint to start from")
+    g.add_argument("--pretrained-epoch", type=int, default=None, help="epoch, when --pretrained is a bare PREFIX")
+    g.add_argument("--fc7-name", default=None, help="classifier layer name in the checkpoint (default fc7)")
+    g.add_argument("--reset-fc7", action="store_true", default=None, help="never reuse the checkpoint's fc7")
+    g.add_argument("--allow-missing", action="store_true", default=None,
+                   help="initialise backbone parameters the checkpoint lacks (listed in the load report)")
+    g.add_argument("--fc7-init", choices=("random", "imprint"), default=None,
+                   help="new classifier: random, or imprinted with normalised class-mean embeddings")
+    g.add_argument("--freeze-steps", type=int, default=None, help="train only the head for N batches, then all")
+    g.add_argument("--stages", default=None, help='stage plan, e.g. "head:500,all:2000"')
+    g.add_argument("--frozen-stages", type=int, default=None, help="keep the first K backbone stages fixed")
+    g.add_argument("--bn-mode", choices=("train", "frozen"), default=None,
+                   help="frozen: BatchNorm uses its stored statistics throughout")
+    g.add_argument("--eval-pretrained", action="store_true", default=None,
+                   help="verify the starting model on the targets first and print a before/after table")
+
+
+def add_run_args(parser: argparse.ArgumentParser) -> None:
+    """Devices, logging, checkpoints, resume, configuration files."""
+    g = parser.add_argument_group("run")
+    g.add_argument("--ctx", default=None, help="devices, e.g. cpu:0,cpu:1 or gpu:0,gpu:1 (else CUDA_VISIBLE_DEVICES)")
+    g.add_argument("--kvstore", default=None, help="kvstore type (device, local, dist_sync, ...)")
+    g.add_argument("--models-root", default=None, help="runs go to MODELS_ROOT/NETWORK-LOSS-DATASET/model")
+    g.add_argument("--prefix", default=None, help="checkpoint prefix (overrides --models-root)")
+    g.add_argument("--ckpt", type=int, choices=(0, 1, 2, 3), default=None,
+                   help="0 never (only the final one), 1 when verification improves, 2 always, "
+                        "3 best overwriting epoch 1")
+    g.add_argument("--ckpt-embedding", type=_int01, default=None,
+                   help="1: save the graph cut at fc1_output without fc7; 0: the full training graph")
+    g.add_argument("--verbose", type=int, default=None, help="verify (and checkpoint) every N batches")
+    g.add_argument("--frequent", type=int, default=None, help="log speed/loss/accuracy every N batches")
+    g.add_argument("--seed", type=int, default=None, help="random seed")
+    g.add_argument("--resume", default=None, help="continue the run saved in DIR (its resume/ state)")
+    g.add_argument("--config", default=None, help="configuration file (.py, .json, .yaml) overriding defaults")
+    g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a configuration key (repeatable), e.g. --set loss.arcface.margin_m=0.45")
+
+
+_NOT_CONFIG = {"config", "set"}
+
+
+def explicit_values(args: argparse.Namespace) -> dict:
+    """Flags the user gave (value not ``None``), as configuration keys."""
+    return {k: v for k, v in vars(args).items() if v is not None and k not in _NOT_CONFIG}
+
+
+def legacy_loss_values(args: argparse.Namespace) -> dict:
+    """Map train_softmax.py's ``--loss-type``/``--margin-*`` onto configuration keys.
+
+    Only margins the user typed are passed; the rest come from the loss's defaults (for type 2, CosFace,
+    insightface's single ``--margin-m`` is the cosine margin ``margin_b`` here; for 13 it is the angle alpha).
+    """
+    out = {}
+    if args.loss_type is not None:
+        if args.loss_type not in LOSS_TYPES:
+            raise ToolkitError(f"--loss-type {args.loss_type}: unknown; choose one of "
+                               + ", ".join(f"{k} ({v})" for k, v in LOSS_TYPES.items()))
+        out["loss"] = LOSS_TYPES[args.loss_type]
+    name = out.get("loss")
+    for flag in ("margin_s", "margin_a", "margin_b", "triplet_alpha"):
+        if getattr(args, flag) is not None:
+            out[flag] = getattr(args, flag)
+    if args.margin_m is not None:
+        key = {"cosface": "margin_b", "atriplet": "triplet_alpha"}.get(name, "margin_m")
+        out[key] = args.margin_m
+    if args.easy_margin is not None:
+        out["easy_margin"] = bool(args.easy_margin)
+    return out
+
+
+def check_positive(cfg, keys: Sequence[str]) -> None:
+    """Raise a one-line error for a non-positive integer flag (``--per-batch-size 0`` ...)."""
+    for key in keys:
+        value = cfg.get(key)
+        if value is not None and not value > 0:
+            raise ToolkitError(f"--{key.replace('_', '-')}: must be > 0, got {value}")
+
+
+def build_parser(description: str, legacy: bool = False, prog: Optional[str] = None) -> argparse.ArgumentParser:
+    """Parser with every group; ``legacy`` swaps ``--loss`` for train_softmax.py's ``--loss-type`` flags."""
+    parser = argparse.ArgumentParser(prog=prog, description=description,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_model_args(parser)
+    if legacy:
+        add_legacy_loss_args(parser)
+    else:
+        add_loss_args(parser)
+    add_data_args(parser)
+    add_optim_args(parser)
+    add_finetune_args(parser)
+    add_run_args(parser)
+    return parser
+
+
+__all__ = ["LOSS_TYPES", "add_model_args", "add_loss_args", "add_legacy_loss_args", "add_data_args",
+           "add_optim_args", "add_finetune_args", "add_run_args", "explicit_values", "legacy_loss_values",
+           "check_positive", "build_parser"]

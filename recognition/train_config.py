@@ -1,0 +1,260 @@
+"""Training configuration as an easydict tree, in the shape of insightface's ``recognition/config.py``.
+
+Sections: ``config`` (global knobs), ``network.NAME``, ``dataset.NAME``, ``loss.NAME`` and ``default`` (the
+values flags fall back to). :func:`resolve_config` flattens them for one run, lowest precedence first::
+
+    config < default < network[NAME] < dataset[NAME] < loss[NAME] < --config FILE < explicit flags < --set k=v
+
+``--config`` takes ``.json``, ``.yaml``/``.yml`` (needs PyYAML) or ``.py`` (its ``config`` dict). A file may
+override sections (``{"loss": {"arcface": {"margin_m": 0.45}}}``) or flat keys (``{"lr": 0.01}``); ``--set``
+takes ``key=value`` with dotted section keys (``loss.arcface.margin_m=0.45``) or flat keys (``lr=0.01``).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import runpy
+from typing import Iterable, Optional
+
+from easydict import EasyDict as edict
+
+from recognition.common import ToolkitError
+
+SECTIONS = ("network", "dataset", "loss")
+
+# Global knobs (insightface config.*). None = "decided elsewhere" (network default, data property, ...).
+config = edict()
+config.emb_size = None  # None: the network's default width (backbones.default_emb_size)
+config.ckpt_embedding = 1  # save the slim graph cut at fc1_output (no fc7)
+config.fc7_lr_mult = 1.0
+config.fc7_wd_mult = 1.0
+config.fc7_no_bias = None  # None: the loss's default (softmax has a bias, margin losses none)
+config.center_loss_weight = 0.0
+config.max_steps = 0
+config.warmup_steps = 0
+config.data_rand_mirror = True
+config.data_cutoff = 0
+config.data_color = 0
+config.data_images_filter = 0
+config.num_workers = 2
+config.num_classes = None  # None: read from the dataset's property file
+config.val_targets = []
+config.image_size = (112, 112)
+config.prelu = "fast"
+
+# Network sections: everything structural lives in recognition.backbones; these are per-network training
+# defaults (insightface's y1 recipe: 128-d embedding).
+network = edict()
+for _name, _emb in (("tiny", None), ("r18", 512), ("r34", 512), ("r50", 512), ("r100", 512), ("y1", 128),
+                    ("y2", 256), ("m1", 512), ("vargfacenet", 512)):
+    network[_name] = edict(emb_size=_emb) if _emb else edict()
+
+# Dataset sections: dataset_path, optional num_classes (checked against `property`), targets.
+dataset = edict()
+dataset.emore = edict(dataset_path="../datasets/faces_emore", num_classes=85742,
+                      val_targets=["lfw", "cfp_fp", "agedb_30"])
+dataset.retina = edict(dataset_path="../datasets/ms1m-retinaface-t1", num_classes=93431,
+                       val_targets=["lfw", "cfp_fp", "agedb_30"])
+dataset.synth = edict(dataset_path="data/synth_A", val_targets=["synth_val"])
+
+# Loss sections: fields of recognition.heads.LossConfig, plus training defaults a loss needs.
+loss = edict()
+loss.softmax = edict()
+loss.nsoftmax = edict(margin_s=64.0)
+loss.arcface = edict(margin_s=64.0, margin_m=0.5)
+loss.cosface = edict(margin_s=64.0, margin_b=0.35)
+loss.combined = edict(margin_s=64.0, margin_a=1.0, margin_m=0.3, margin_b=0.2)
+loss.sphereface = edict(margin_s=64.0, margin_a=4.0)
+loss.triplet = edict(images_per_identity=5, triplet_alpha=0.3, per_batch_size=60, lr=0.05)
+loss.atriplet = edict(images_per_identity=5, triplet_alpha=0.35, per_batch_size=60, lr=0.05)
+
+# Flag defaults (insightface default.*).
+default = edict()
+default.network = "r100"
+default.dataset = "emore"
+default.data_dir = None
+default.loss = "arcface"
+default.pretrained = ""
+default.pretrained_epoch = None
+default.frequent = 20
+default.verbose = 2000
+default.kvstore = "device"
+default.end_epoch = 10000
+default.lr = 0.1
+default.lr_steps = "100000,160000,220000"
+default.wd = 0.0005
+default.mom = 0.9
+default.per_batch_size = 128
+default.ckpt = 3
+default.models_root = "./models"
+default.prefix = None
+default.target = None  # None: the dataset's val_targets
+default.ctx = None
+default.seed = 0
+default.resume = None
+# fine-tuning
+default.fc7_name = "fc7"
+default.reset_fc7 = False
+default.allow_missing = False
+default.fc7_init = "random"
+default.freeze_steps = 0
+default.stages = None
+default.frozen_stages = 0
+default.backbone_lr_mult = 1.0
+default.bn_mode = "train"
+default.bn_wd = False
+default.eval_pretrained = False
+
+
+def base_tree() -> edict:
+    """A deep copy of the whole default tree: ``{config, network, dataset, loss, default}``."""
+    return edict(copy.deepcopy({"config": dict(config), "network": dict(network), "dataset": dict(dataset),
+                                "loss": dict(loss), "default": dict(default)}))
+
+
+def known_keys(tree: Optional[edict] = None) -> set:
+    """Flat keys a run understands: global knobs, flag defaults and every section's keys and LossConfig fields."""
+    from recognition.heads import LossConfig
+
+    tree = tree or base_tree()
+    keys = set(tree.config) | set(tree.default) | set(LossConfig.__dataclass_fields__) - {"loss"}
+    keys |= {"loss", "dataset_path"}
+    for sec in SECTIONS:
+        for entry in tree[sec].values():
+            keys |= set(entry)
+    return keys
+
+
+def load_config_file(path: str) -> dict:
+    """Read a ``--config`` file (.json, .yaml/.yml, .py with a ``config`` dict) into a plain dict."""
+    if not os.path.isfile(path):
+        raise ToolkitError(f"--config: file {path} does not exist")
+    ext = os.path.splitext(path)[1].lower()
+    try:
+        if ext == ".json":
+            with open(path) as f:
+                data = json.load(f)
+        elif ext in (".yaml", ".yml"):
+            try:
+                import yaml
+            except ImportError:
+                raise ToolkitError(f"--config {path}: reading YAML needs PyYAML (pip install pyyaml)") from None
+            with open(path) as f:
+                data = yaml.safe_load(f) or {}
+        elif ext == ".py":
+            ns = runpy.run_path(path)
+            data = ns.get("config")
+            if data is None:
+                raise ToolkitError(f"--config {path}: a .py config must define a dict named 'config'")
+        else:
+            raise ToolkitError(f"--config {path}: unknown extension {ext!r}; use .json, .yaml, .yml or .py")
+    except ToolkitError:
+        raise
+    except Exception as exc:  # syntax errors in the user's file: one line
+        raise ToolkitError(f"--config {path}: cannot read it ({type(exc).__name__}: {exc})") from None
+    if not isinstance(data, dict):
+        raise ToolkitError(f"--config {path}: top level must be a mapping, got {type(data).__name__}")
+    return dict(data)
+
+
+def parse_value(text: str):
+    """``--set`` value: JSON when it parses (numbers, true/false/null, lists), else the raw string."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        low = text.lower()
+        if low in ("true", "false"):
+            return low == "true"
+        return text
+
+
+def _split_overrides(tree: edict, data: dict, where: str, known: set) -> dict:
+    """Merge section entries of ``data`` into ``tree``; return its flat keys (checked against ``known``)."""
+    flat = {}
+    for key, value in data.items():
+        if key in SECTIONS or key in ("config", "default"):
+            if not isinstance(value, dict):
+                raise ToolkitError(f"{where}: section {key!r} must be a mapping")
+            for name, entry in value.items():
+                if key in ("config", "default"):
+                    tree[key][name] = entry
+                elif isinstance(entry, dict):
+                    tree[key].setdefault(name, edict()).update(entry)
+                else:
+                    raise ToolkitError(f"{where}: {key}.{name} must be a mapping")
+        elif key in known:
+            flat[key] = value
+        else:
+            raise ToolkitError(f"{where}: unknown key {key!r}")
+    return flat
+
+
+def parse_sets(items: Iterable[str], known: set) -> dict:
+    """``["lr=0.01", "loss.arcface.margin_m=0.45"]`` -> nested dict understood by :func:`_split_overrides`."""
+    out: dict = {}
+    for item in items or ():
+        key, eq, raw = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not eq or not key:
+            raise ToolkitError(f"--set {item!r}: expected KEY=VALUE (e.g. lr=0.01 or loss.arcface.margin_m=0.45)")
+        parts = key.split(".")
+        if len(parts) == 1:
+            if key not in known:
+                raise ToolkitError(f"--set {item!r}: unknown key {key!r}")
+            out[key] = parse_value(raw)
+        elif len(parts) == 3 and parts[0] in SECTIONS:
+            out.setdefault(parts[0], {}).setdefault(parts[1], {})[parts[2]] = parse_value(raw)
+        elif len(parts) == 2 and parts[0] in ("config", "default"):
+            out.setdefault(parts[0], {})[parts[1]] = parse_value(raw)
+        else:
+            raise ToolkitError(f"--set {item!r}: dotted keys are SECTION.NAME.KEY (sections: {', '.join(SECTIONS)})"
+                               f" or config.KEY/default.KEY")
+    return out
+
+
+def resolve_config(cli: dict, config_file: Optional[str] = None, sets: Iterable[str] = (),
+                   base: Optional[dict] = None) -> edict:
+    """One flat easydict for a run.
+
+    ``cli``: explicit flag values (``None`` = not given). ``base``: a saved flat config to start from (resume),
+    which replaces the tree's defaults. Returns the flat config; ``cfg.loss_kwargs`` holds the LossConfig
+    fields for :func:`recognition.heads.make_loss_config`.
+    """
+    from recognition.heads import LossConfig
+
+    tree = base_tree()
+    known = known_keys(tree)
+    file_flat = _split_overrides(tree, load_config_file(config_file), f"--config {config_file}", known) \
+        if config_file else {}
+    set_flat = _split_overrides(tree, parse_sets(sets, known), "--set", known)
+    given = {k: v for k, v in cli.items() if v is not None}
+
+    def pick(key):
+        for layer in (set_flat, given, file_flat):
+            if key in layer:
+                return layer[key]
+        return (base or {}).get(key, tree.default.get(key))
+
+    net, ds, loss_name = pick("network"), pick("dataset"), pick("loss")
+    flat = edict()
+    if base:
+        flat.update(copy.deepcopy(base))
+    else:
+        flat.update(tree.config)
+        flat.update(tree.default)
+        flat.update(tree.network.get(net, {}))
+        if ds in tree.dataset:
+            flat.update(tree.dataset[ds])
+        flat.update(tree.loss.get(loss_name, {}))
+    flat.update(file_flat)
+    flat.update(given)
+    flat.update(set_flat)
+    flat.network, flat.dataset, flat.loss = net, ds, loss_name
+    fields = set(LossConfig.__dataclass_fields__) - {"loss"}
+    flat.loss_kwargs = {k: flat[k] for k in fields if k in flat and flat[k] is not None}
+    return flat
+
+
+__all__ = ["config", "network", "dataset", "loss", "default", "base_tree", "known_keys", "load_config_file",
+           "parse_sets", "parse_value", "resolve_config"]
