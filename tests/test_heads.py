@@ -285,3 +285,32 @@ def test_center_loss_value_gradient_and_centre_update():
     # inference (no backward) leaves the centres alone
     ex.forward(is_train=False)
     np.testing.assert_allclose(ex.aux_dict["center_loss_centers"].asnumpy(), expect, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------- real checkpoint
+def test_arcface_head_on_real_checkpoint(fixture_model):
+    from recognition.common import load_checkpoint
+
+    sym, arg, aux = load_checkpoint(fixture_model, 0)
+    emb_sym = sym.get_internals()["fc1_output"]
+    rng = np.random.default_rng(6)
+    data = rng.uniform(0, 255, size=(3, 3, 112, 112)).astype(np.float32)
+    label = np.array([0, 1, 2])
+    # second code path: the backbone alone, then the head in numpy
+    backbone = mx.mod.Module(emb_sym, context=mx.cpu(), label_names=None)
+    backbone.bind(data_shapes=[("data", data.shape)], for_training=False)
+    backbone.set_params(arg, aux, allow_missing=False, allow_extra=True)
+    backbone.forward(mx.io.DataBatch([mx.nd.array(data)]), is_train=False)
+    x = backbone.get_outputs()[0].asnumpy().astype(np.float64)
+    w = rng.standard_normal((4, x.shape[1]))
+    cfg = make_loss_config("arcface")
+    head, info = build_train_symbol(emb_sym, 4, cfg)  # E = 128 read from the real graph
+    mod = mx.mod.Module(head, context=mx.cpu())
+    mod.bind(data_shapes=[("data", data.shape)], label_shapes=[("softmax_label", (3,))], for_training=False)
+    mod.set_params(dict(arg, fc7_weight=mx.nd.array(w)), aux, allow_missing=False, allow_extra=True)
+    mod.forward(mx.io.DataBatch([mx.nd.array(data)], [mx.nd.array(label)]), is_train=False)
+    prob, emb = (o.asnumpy() for o in mod.get_outputs())
+    np.testing.assert_allclose(emb, x, rtol=1e-4, atol=1e-4)
+    z = ref_logits(x, w, None, label, cfg)
+    p = np.exp(z - z.max(1, keepdims=True))
+    np.testing.assert_allclose(prob, p / p.sum(1, keepdims=True), atol=2e-3)
