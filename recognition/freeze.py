@@ -1,0 +1,239 @@
+"""Freezing and learning-rate policy as data: stage schedules, per-parameter multipliers, frozen BatchNorm.
+
+Vocabulary (as in MXNet Gluon / mmpretrain): a *fixed* parameter gets no gradient (Module ``fixed_param_names``,
+``grad_req='null'``); a *frozen* BatchNorm uses and keeps its moving statistics (``use_global_stats=True``).
+
+    >>> stages = parse_stages(stages="head:500,all:2000")      # [Stage('head', 500), Stage('all', 2000)]
+    >>> table = stage_table_for("r50", sym.list_arguments())   # [('stem', '^(conv0|bn0|relu0)_'), ...]
+    >>> fixed, frozen_bn = stage_plan(sym, stages[0], table)
+    >>> module = mx.mod.Module(freeze_batchnorm(sym, frozen_bn), fixed_param_names=fixed, ...)
+"""
+from __future__ import annotations
+
+import json
+import re
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
+
+from recognition.common import ToolkitError
+
+EMBEDDING_STAGE = "embedding"
+# Checkpoint graphs without a --network: stage tables inferred from insightface's naming.
+_FRESNET_TABLE = [("stem", r"^(conv0|bn0|relu0)_")] + [(f"stage{i}", rf"^stage{i}_") for i in range(1, 5)] + \
+    [(EMBEDDING_STAGE, r"^(bn1|pre_fc1|fc1)_")]
+_MOBILEFACENET_TABLE = [
+    ("stem", r"^(conv_1|conv_2_dw|res_2)_"),
+    ("stage1", r"^(dconv_23|res_3)_"),
+    ("stage2", r"^(dconv_34|res_4)_"),
+    ("stage3", r"^(dconv_45|res_5)_"),
+    ("stage4", r"^conv_6sep_"),
+    (EMBEDDING_STAGE, r"^(conv_6dw7_7|pre_fc1|fc1)_"),
+]
+_FALLBACK_TABLE = [("backbone", r"^(?!(pre_fc1|fc1)_)"), (EMBEDDING_STAGE, r"^(pre_fc1|fc1)_")]
+_NO_DECAY = re.compile(r"_(gamma|beta|bias)$")  # BatchNorm gamma/beta, PReLU gamma, every bias
+
+
+def _is_input(name: str) -> bool:
+    return name == "data" or name.endswith("label")
+
+
+def fc7_pattern(fc7_name: str = "fc7") -> "re.Pattern":
+    """Names of the classifier parameters (also per-device slices ``fc7_0_weight`` of model parallelism)."""
+    return re.compile(rf"^{re.escape(fc7_name)}(_\d+)?_(weight|bias)$")
+
+
+def param_multipliers(arg_names: Sequence[str], fc7_name: str = "fc7", fc7_lr_mult: float = 1.0,
+                      fc7_wd_mult: float = 1.0, backbone_lr_mult: float = 1.0, bn_wd: bool = False,
+                      attr_dict: Optional[dict] = None) -> Tuple[Dict[str, float], Dict[str, float]]:
+    """Per-parameter ``(lr_mult, wd_mult)`` dicts for ``optimizer.set_lr_mult`` / ``set_wd_mult``.
+
+    fc7 gets ``fc7_lr_mult``/``fc7_wd_mult``; everything else ``backbone_lr_mult`` and weight decay 1.
+    BatchNorm gamma/beta, PReLU gamma and biases get no weight decay unless ``bn_wd``. ``attr_dict``
+    (``symbol.attr_dict()``) multiplies in the graph's own ``__lr_mult__``/``__wd_mult__`` (insightface's y1 sets
+    ``wd_mult=10`` on its embedding FC): MXNet's optimizer would otherwise let these dicts override them.
+    Inputs (``data``, ``*label``) are skipped.
+    """
+    is_fc7 = fc7_pattern(fc7_name)
+    lr_mult: Dict[str, float] = {}
+    wd_mult: Dict[str, float] = {}
+    for name in arg_names:
+        if _is_input(name):
+            continue
+        head = bool(is_fc7.match(name))
+        lr = fc7_lr_mult if head else backbone_lr_mult
+        wd = fc7_wd_mult if head else 1.0
+        if not bn_wd and _NO_DECAY.search(name):
+            wd = 0.0
+        attrs = (attr_dict or {}).get(name, {})
+        lr_mult[name] = float(lr) * float(attrs.get("__lr_mult__", 1.0))
+        wd_mult[name] = float(wd) * float(attrs.get("__wd_mult__", 1.0))
+    return lr_mult, wd_mult
+
+
+class Stage(NamedTuple):
+    """One phase of a fine-tuning schedule.
+
+    ``name``: ``'head'`` (train the embedding layer and fc7 only), ``'all'`` (train everything not held by
+    ``--frozen-stages``) or ``'STAGE+'`` (train from backbone stage STAGE on, e.g. ``'stage3+'``);
+    ``steps``: its length in batches, None = until the end of training.
+    """
+
+    name: str
+    steps: Optional[int]
+
+
+_STAGE_NAME = re.compile(r"^(head|all|[A-Za-z_]\w*\+)$")
+
+
+def parse_stages(freeze_steps: int = 0, stages: Optional[str] = None) -> List[Stage]:
+    """``--stages "head:500,all:2000"`` or ``--freeze-steps N`` (-> ``[head:N, all:None]``) to a list of Stage.
+
+    The last stage may omit its length (``head:500,all``): it runs to the end. Without either flag: ``[all:None]``.
+    """
+    if stages and freeze_steps:
+        raise ToolkitError("--stages and --freeze-steps are alternatives: give one of them")
+    if freeze_steps is None or freeze_steps < 0:
+        raise ToolkitError(f"--freeze-steps {freeze_steps}: must be 0 or a positive number of steps")
+    if not stages:
+        return ([Stage("head", int(freeze_steps))] if freeze_steps else []) + [Stage("all", None)]
+    parts = [p.strip() for p in stages.split(",")]
+    out: List[Stage] = []
+    for i, part in enumerate(parts):
+        name, sep, steps = part.partition(":")
+        name = name.strip()
+        if not _STAGE_NAME.match(name):
+            raise ToolkitError(f"--stages {stages!r}: bad stage {part!r}; expected head:N, all:N or STAGE+:N "
+                               "(e.g. 'head:500,all:2000')")
+        if not sep or steps.strip() in ("", "end"):
+            if i != len(parts) - 1:
+                raise ToolkitError(f"--stages {stages!r}: stage {name!r} needs a step count (only the last stage "
+                                   "may run to the end)")
+            out.append(Stage(name, None))
+            continue
+        try:
+            n = int(steps)
+        except ValueError:
+            raise ToolkitError(f"--stages {stages!r}: step count {steps.strip()!r} of {name!r} is not an integer") \
+                from None
+        if n <= 0:
+            raise ToolkitError(f"--stages {stages!r}: step count of {name!r} must be positive, got {n}")
+        out.append(Stage(name, n))
+    return out
+
+
+def stage_at(stages: Sequence[Stage], step: int) -> Tuple[int, Stage]:
+    """``(index, Stage)`` active at global batch ``step`` (0-based); the last stage holds past its length."""
+    start = 0
+    for i, stage in enumerate(stages):
+        if stage.steps is None or step < start + stage.steps or i == len(stages) - 1:
+            return i, stage
+        start += stage.steps
+    raise ToolkitError("empty stage schedule")
+
+
+def stage_table_for(network: Optional[str], arg_names: Sequence[str]) -> List[Tuple[str, str]]:
+    """Ordered ``[(stage_name, regex)]`` from input to embedding for ``--frozen-stages`` and the 'head' stage.
+
+    With a network name: ``recognition.backbones.get_stages``. For a checkpoint graph: inferred from insightface's
+    naming (fresnet ``conv0``/``stageN_unitM``/``bn1``, MobileFaceNet ``conv_1``..``conv_6dw7_7``); unknown naming
+    -> ``backbone`` and ``embedding`` (``pre_fc1``/``fc1``) only.
+    """
+    if network:
+        from recognition.backbones import get_stages
+
+        return list(get_stages(network))
+    names = [n for n in arg_names if not _is_input(n)]
+    for table in (_FRESNET_TABLE, _MOBILEFACENET_TABLE):
+        anchors = re.compile(table[0][1]), re.compile(table[1][1])
+        if any(anchors[0].match(n) for n in names) and any(anchors[1].match(n) for n in names):
+            return list(table)
+    return list(_FALLBACK_TABLE)
+
+
+def _assign(names: Sequence[str], table: Sequence[Tuple[str, str]]) -> Dict[str, int]:
+    """Stage index of each name (first matching regex); names matching none are left out."""
+    compiled = [re.compile(rx) for _, rx in table]
+    out = {}
+    for n in names:
+        for i, rx in enumerate(compiled):
+            if rx.search(n):
+                out[n] = i
+                break
+    return out
+
+
+def _batchnorm_nodes(symbol) -> List[Tuple[str, List[str]]]:
+    """``[(bn_node_name, [its parameter/aux input names])]`` in graph order."""
+    graph = json.loads(symbol.tojson())
+    nodes = graph["nodes"]
+    return [(n["name"], [nodes[i[0]]["name"] for i in n["inputs"][1:]]) for n in nodes if n["op"] == "BatchNorm"]
+
+
+def stage_plan(symbol, stage: Stage, stage_table: Sequence[Tuple[str, str]], frozen_stages: int = 0,
+               fc7_name: str = "fc7", bn_mode: str = "train") -> Tuple[List[str], List[str]]:
+    """``(fixed_param_names, frozen_bn_names)`` of ``symbol`` (training or embedding graph) during ``stage``.
+
+    'head': every backbone parameter is fixed except the embedding stage (and fc7 / other loss-head parameters);
+    their BatchNorms are frozen. 'STAGE+': stages before STAGE fixed. ``frozen_stages`` K fixes the first K stages
+    in every phase. ``bn_mode='frozen'`` freezes every BatchNorm's statistics (mmpretrain's ``norm_eval``).
+    Backbone = the ancestry of ``fc1_output``; parameters outside it (fc7, margins, centres) are never fixed.
+    """
+    if bn_mode not in ("train", "frozen"):
+        raise ToolkitError(f"--bn-mode {bn_mode!r}: expected 'train' or 'frozen'")
+    names = [n for n in symbol.list_arguments() if not _is_input(n)]
+    internals = symbol.get_internals()
+    if "fc1_output" in internals.list_outputs():
+        backbone = set(internals["fc1_output"].list_arguments())
+    else:
+        is_fc7 = fc7_pattern(fc7_name)
+        backbone = {n for n in names if not is_fc7.match(n)}
+    stage_names = [s for s, _ in stage_table]
+    emb_idx = stage_names.index(EMBEDDING_STAGE) if EMBEDDING_STAGE in stage_names else len(stage_names) - 1
+    if frozen_stages < 0 or frozen_stages > emb_idx:
+        raise ToolkitError(f"--frozen-stages {frozen_stages}: must be 0..{emb_idx} (stages before the embedding: "
+                           f"{', '.join(stage_names[:emb_idx]) or 'none'})")
+    where = _assign([n for n in names if n in backbone], stage_table)
+
+    if stage.name == "head":
+        first_trained = emb_idx
+    elif stage.name == "all":
+        first_trained = 0
+    elif stage.name.endswith("+") and stage.name[:-1] in stage_names:
+        first_trained = stage_names.index(stage.name[:-1])
+    else:
+        raise ToolkitError(f"--stages: unknown stage {stage.name!r}; expected head, all or one of "
+                           f"{', '.join(s + '+' for s in stage_names)}")
+    first_trained = max(first_trained, frozen_stages)
+    fixed = []
+    for n in names:
+        if n not in backbone:
+            continue
+        idx = where.get(n)
+        # a backbone parameter no stage regex claims is fixed only in the 'head' phase
+        if (idx is not None and idx < first_trained) or (idx is None and stage.name == "head"):
+            fixed.append(n)
+    fixed_set = set(fixed)
+    frozen_bn = [bn for bn, inputs in _batchnorm_nodes(symbol)
+                 if bn_mode == "frozen" or (inputs and inputs[0] in fixed_set)]
+    return fixed, frozen_bn
+
+
+def freeze_batchnorm(symbol, bn_names: Sequence[str]) -> object:
+    """A copy of ``symbol`` whose BatchNorm nodes ``bn_names`` use (and keep) their moving statistics.
+
+    Only ``use_global_stats`` changes; parameter names and every other node are untouched.
+    """
+    import mxnet as mx
+
+    wanted = set(bn_names)
+    if not wanted:
+        return symbol
+    graph = json.loads(symbol.tojson())
+    seen = set()
+    for node in graph["nodes"]:
+        if node["op"] == "BatchNorm" and node["name"] in wanted:
+            node.setdefault("attrs", {})["use_global_stats"] = "True"
+            seen.add(node["name"])
+    unknown = sorted(wanted - seen)
+    if unknown:
+        raise ToolkitError(f"freeze BatchNorm: no BatchNorm named {', '.join(unknown[:5])} in the graph")
+    return mx.sym.load_json(json.dumps(graph))
