@@ -1,0 +1,310 @@
+"""What the training loop does besides stepping: verification, the ``--ckpt`` policy, checkpoints and the
+resume state (``RUN_DIR/resume/``).
+
+Resume state, written atomically (data files first under step-stamped names, then ``state.json`` naming them;
+a reader only follows a complete ``state.json``):
+
+- ``params-STEP.params``: every argument (including the classifier under its own name) and auxiliary state;
+- ``optimizer-STEP.params``: optimizer states keyed by parameter name (momentum), so they survive a stage change
+  and a change in the number of devices;
+- ``embedding-symbol.json``: the backbone graph cut at ``fc1_output`` (the run no longer needs ``--pretrained``);
+- ``state.json``: global step, save counter, best accuracies, stage index, iterator position, numpy/python RNG
+  states, the resolved configuration.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+import random
+from typing import Dict, List, Optional, Sequence
+
+import mxnet as mx
+import numpy as np
+
+from recognition.common import ToolkitError, atomic_write, save_checkpoint, save_params_atomic
+
+logger = logging.getLogger("recognition")
+
+RESUME_VERSION = 1
+
+
+# ---------------------------------------------------------------------------------------------- verification
+class Verifier:
+    """Holds the decoded ``--target`` sets and verifies an embedding graph on each.
+
+    ``__call__(embedding_symbol, arg, aux) -> {name: test_bin result}`` (``acc``, ``std``, ``xnorm``, ...).
+    """
+
+    def __init__(self, paths: Sequence[str], ctx, batch_size: int = 32, image_size=(112, 112), nfolds: int = 10):
+        from recognition.verification import read_bin
+
+        self.ctx, self.batch_size, self.nfolds = ctx, int(batch_size), int(nfolds)
+        self.image_size = tuple(image_size)
+        self.sets = {}
+        for p in paths:
+            name = os.path.splitext(os.path.basename(p))[0]
+            self.sets[name] = read_bin(p, self.image_size)
+
+    def __bool__(self) -> bool:
+        return bool(self.sets)
+
+    def __call__(self, embedding_symbol, arg_params: dict, aux_params: dict) -> Dict[str, dict]:
+        from recognition.verification import Embedder, test_bin
+
+        if not self.sets:
+            return {}
+        embed = Embedder(embedding_symbol, arg_params, aux_params, ctx=self.ctx, batch_size=self.batch_size,
+                         data_shape=(3,) + self.image_size)
+        out = {}
+        for name, (images, issame) in self.sets.items():
+            out[name] = test_bin(([images], issame), embed, self.batch_size, self.nfolds)
+        return out
+
+
+# ---------------------------------------------------------------------------------------------- --ckpt policy
+class CheckpointPolicy:
+    """insightface's ``--ckpt``: 0 never, 1 when verification improves, 2 every round, 3 improving into epoch 1.
+
+    "Improves" is insightface's rule: the last target's accuracy rises, or stays equal while the sum over all
+    targets does not fall. Without targets nothing improves (0, 1 and 3 then save only the final model).
+    The final model is always saved (``final_epoch``).
+    """
+
+    def __init__(self, ckpt: int, highest=(0.0, 0.0)):
+        if ckpt not in (0, 1, 2, 3):
+            raise ToolkitError(f"--ckpt {ckpt}: choose 0, 1, 2 or 3")
+        self.ckpt = ckpt
+        self.highest = [float(highest[0]), float(highest[1])]  # [best sum, best last-target accuracy]
+        self.saved_best = False
+
+    def is_highest(self, accs: List[float]) -> bool:
+        if not accs:
+            return False
+        score, last = float(sum(accs)), float(accs[-1])
+        best = False
+        if last >= self.highest[1]:
+            if last > self.highest[1]:
+                best = True
+            elif score >= self.highest[0]:
+                best = True
+                self.highest[0] = score
+            self.highest[1] = last
+        if best:
+            self.highest[0] = max(self.highest[0], score)
+        return best
+
+    def decide(self, accs: List[float], msave: int) -> Optional[int]:
+        """Checkpoint epoch number to save after verification round ``msave`` (1-based), or None."""
+        best = self.is_highest(accs)
+        if self.ckpt == 2 or (self.ckpt == 1 and best):
+            return msave
+        if self.ckpt == 3 and best:
+            self.saved_best = True
+            return 1
+        return None
+
+    def final_epoch(self, msave: int) -> int:
+        """Epoch for the end-of-training checkpoint when the last round did not save: ``msave``; with ``--ckpt 3``
+        epoch 1 when no best was saved yet, else 2 (epoch 1 keeps the best)."""
+        if self.ckpt == 3:
+            return 2 if self.saved_best else 1
+        return msave
+
+
+def save_model(prefix: str, epoch: int, module, train_symbol, embedding_symbol, slim: bool,
+               meta: Optional[dict] = None) -> str:
+    """Save ``module``'s parameters as ``PREFIX-%04d.params`` + symbol (atomic). Returns the params path.
+
+    ``slim``: the embedding graph and only its parameters (selected by the graph's own argument names, never by
+    a name pattern); else the full training graph with the classifier. ``meta`` goes to ``PREFIX-meta.json``.
+    """
+    arg, aux = module.get_params()
+    if slim:
+        keep_arg, keep_aux = set(embedding_symbol.list_arguments()), set(embedding_symbol.list_auxiliary_states())
+        arg = {k: v for k, v in arg.items() if k in keep_arg}
+        aux = {k: v for k, v in aux.items() if k in keep_aux}
+        sym = embedding_symbol
+    else:
+        sym = train_symbol
+    paths = save_checkpoint(prefix, epoch, sym, arg, aux)
+    if meta is not None:
+        from recognition.pretrained import write_meta
+
+        write_meta(prefix, **dict(meta, slim=bool(slim)))
+    return paths[0]
+
+
+# ---------------------------------------------------------------------------------------------- optimizer state
+def _updater(module):
+    """The Python ``Updater`` holding the optimizer states (local or on a local kvstore), or None (dist)."""
+    if getattr(module, "_update_on_kvstore", False):
+        return getattr(module._kvstore, "_updater", None)
+    return getattr(module, "_updater", None)
+
+
+def _flatten_state(name: str, state, out: dict, none: list) -> None:
+    if state is None:
+        none.append(name)
+    elif isinstance(state, mx.nd.NDArray):
+        out[name] = state.copyto(mx.cpu())
+    elif isinstance(state, (tuple, list)):
+        for i, s in enumerate(state):
+            _flatten_state(f"{name}#{i}", s, out, none)
+    else:
+        raise ToolkitError(f"resume: optimizer state of {name} has unsupported type {type(state).__name__}")
+
+
+def get_optimizer_states(module) -> Optional[Dict[str, object]]:
+    """``{param_name: state}`` from the module's updater (one copy per name), or None when states live on a
+    parameter server."""
+    upd = _updater(module)
+    if upd is None:
+        return None
+    idx2name = module._optimizer.idx2name
+    out: Dict[str, object] = {}
+    for key, state in upd.states.items():
+        name = key if isinstance(key, str) else idx2name.get(key)
+        if name is not None and name not in out:
+            out[name] = state
+    return out
+
+
+def set_optimizer_states(module, states: Dict[str, object], names: Optional[set] = None) -> int:
+    """Install ``{param_name: state}`` into ``module``'s updater (for every device copy). ``names``: only these.
+    Returns how many parameters got a state."""
+    upd = _updater(module)
+    if upd is None:
+        logger.warning("optimizer states live on the parameter server; they start fresh")
+        return 0
+    if module._update_on_kvstore:
+        keys = {n: [n] for n in module._exec_group.param_names}
+    else:
+        keys = {}
+        for idx, n in module._optimizer.idx2name.items():
+            keys.setdefault(n, []).append(idx)
+    count = 0
+    for name, state in states.items():
+        if name not in keys or (names is not None and name not in names):
+            continue
+        for key in keys[name]:
+            upd.states[key] = _copy_state(state)
+            upd.states_synced[key] = False
+        count += 1
+    return count
+
+
+def _copy_state(state):
+    if state is None:
+        return None
+    if isinstance(state, (tuple, list)):
+        return type(state)(_copy_state(s) for s in state)
+    return state.copy()
+
+
+def _unflatten(blob: dict, none: List[str]) -> Dict[str, object]:
+    grouped: Dict[str, dict] = {}
+    for key, arr in blob.items():
+        name, _, idx = key.partition("#")
+        grouped.setdefault(name, {})[int(idx) if idx else None] = arr
+    for key in none:
+        name, _, idx = key.partition("#")
+        grouped.setdefault(name, {})[int(idx) if idx else None] = None
+    out = {}
+    for name, parts in grouped.items():
+        out[name] = parts[None] if None in parts else tuple(parts[i] for i in sorted(parts))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- resume state
+def rng_state() -> dict:
+    """numpy and python RNG states as JSON-able lists."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    py = random.getstate()
+    return {"numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+            "python": [py[0], list(py[1]), py[2]]}
+
+
+def set_rng_state(state: dict) -> None:
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    v, internal, gauss = state["python"]
+    random.setstate((v, tuple(internal), gauss))
+
+
+def save_resume(run_dir: str, step: int, module, embedding_symbol, state: dict) -> str:
+    """Write ``RUN_DIR/resume/`` for global step ``step``; ``state`` holds the loop's counters. Returns the dir."""
+    rdir = os.path.join(run_dir, "resume")
+    os.makedirs(rdir, exist_ok=True)
+    arg, aux = module.get_params()
+    params_name, optim_name = "params-%08d.params" % step, "optimizer-%08d.params" % step
+    blob = {"arg:" + k: v for k, v in arg.items()}
+    blob.update({"aux:" + k: v for k, v in aux.items()})
+    save_params_atomic(os.path.join(rdir, params_name), blob)
+    states = get_optimizer_states(module)
+    flat, none = {}, []
+    for name, st in (states or {}).items():
+        _flatten_state(name, st, flat, none)
+    save_params_atomic(os.path.join(rdir, optim_name), flat or {"__empty__": mx.nd.zeros((1,))})
+    with atomic_write(os.path.join(rdir, "embedding-symbol.json"), "w") as f:
+        f.write(embedding_symbol.tojson())
+    doc = dict(state, version=RESUME_VERSION, step=int(step), params=params_name, optimizer=optim_name,
+               optimizer_none=none, optimizer_saved=states is not None, rng=rng_state())
+    with atomic_write(os.path.join(rdir, "state.json"), "w") as f:
+        json.dump(doc, f, indent=1, default=_json_default)
+    for old in glob.glob(os.path.join(rdir, "*-*.params")):  # older stamped files, now unreferenced
+        if os.path.basename(old) not in (params_name, optim_name):
+            os.unlink(old)
+    return rdir
+
+
+def _json_default(obj):
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (np.floating,)):
+        return float(obj)
+    if isinstance(obj, (np.ndarray, tuple, set)):
+        return list(obj.tolist() if isinstance(obj, np.ndarray) else obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def resume_dir(path: str) -> str:
+    """``DIR`` or ``DIR/resume`` -> the folder holding ``state.json`` (ToolkitError when there is none)."""
+    for cand in (os.path.join(path, "resume"), path):
+        if os.path.isfile(os.path.join(cand, "state.json")):
+            return cand
+    raise ToolkitError(f"--resume {path}: no resume state (expected {os.path.join(path, 'resume', 'state.json')})")
+
+
+def read_resume_state(path: str) -> dict:
+    """Parse ``state.json`` of ``--resume DIR``; the dict gains ``dir``."""
+    rdir = resume_dir(path)
+    try:
+        with open(os.path.join(rdir, "state.json")) as f:
+            doc = json.load(f)
+    except ValueError as exc:
+        raise ToolkitError(f"--resume {path}: state.json is not valid JSON ({exc})") from None
+    if doc.get("version") != RESUME_VERSION:
+        raise ToolkitError(f"--resume {path}: state version {doc.get('version')} is not {RESUME_VERSION}")
+    doc["dir"] = rdir
+    return doc
+
+
+def load_resume_arrays(doc: dict):
+    """``(embedding_symbol, arg_params, aux_params, optimizer_states or None)`` of a resume state."""
+    rdir = doc["dir"]
+    sym = mx.sym.load(os.path.join(rdir, "embedding-symbol.json"))
+    blob = mx.nd.load(os.path.join(rdir, doc["params"]))
+    arg = {k[4:]: v for k, v in blob.items() if k.startswith("arg:")}
+    aux = {k[4:]: v for k, v in blob.items() if k.startswith("aux:")}
+    states = None
+    if doc.get("optimizer_saved"):
+        flat = mx.nd.load(os.path.join(rdir, doc["optimizer"]))
+        flat.pop("__empty__", None)
+        states = _unflatten(flat, doc.get("optimizer_none", []))
+    return sym, arg, aux, states
+
+
+__all__ = ["Verifier", "CheckpointPolicy", "save_model", "get_optimizer_states", "set_optimizer_states",
+           "rng_state", "set_rng_state", "save_resume", "resume_dir", "read_resume_state", "load_resume_arrays"]
