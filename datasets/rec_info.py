@@ -27,6 +27,8 @@ def rec_info(rec: str, sample: int = 16) -> dict:
     image_size (h, w), property}``. ``sample`` images (spread over the file) are decoded to get the size."""
     if os.path.isdir(rec):
         rec = os.path.join(rec, "train.rec")
+    if not os.path.isfile(rec):
+        raise ToolkitError(f"{rec}: record file does not exist")
     prop = os.path.join(os.path.dirname(os.path.abspath(rec)), "property")
     num_classes, ph, pw = read_property(prop)
     with RecordReader(rec) as reader:
