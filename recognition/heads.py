@@ -20,6 +20,9 @@ from typing import List, Optional, Tuple
 import mxnet as mx
 
 from recognition.common import ToolkitError
+# importing losses_center registers its CustomOp, so a saved training symbol with center loss can be bound
+from recognition.losses_center import center_loss_symbol
+from recognition.losses_triplet import triplet_loss_symbol
 
 LOSSES = ("softmax", "nsoftmax", "arcface", "cosface", "combined", "sphereface", "triplet", "atriplet")
 CLASSIFICATION_LOSSES = ("softmax", "nsoftmax", "arcface", "cosface", "combined", "sphereface")
@@ -243,8 +246,6 @@ def build_train_symbol(embedding, num_classes: int, loss_cfg: LossConfig, fc7_na
     """
     validate_loss_config(loss_cfg)
     if loss_cfg.loss in TRIPLET_LOSSES:
-        from recognition.losses_triplet import triplet_loss_symbol
-
         label = mx.sym.Variable("softmax_label")
         loss = triplet_loss_symbol(embedding, label, loss_cfg)
         out = mx.sym.Group([loss, mx.sym.BlockGrad(embedding, name=_emb_name(embedding))])
@@ -259,8 +260,6 @@ def build_train_symbol(embedding, num_classes: int, loss_cfg: LossConfig, fc7_na
     outputs = [softmax, mx.sym.BlockGrad(embedding, name=_emb_name(embedding))]
     aux: List[str] = []
     if loss_cfg.center_loss_weight > 0:
-        from recognition.losses_center import center_loss_symbol
-
         center, aux = center_loss_symbol(embedding, label, int(num_classes), int(emb_size), loss_cfg)
         outputs.append(center)
     out = mx.sym.Group(outputs)

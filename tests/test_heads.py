@@ -314,3 +314,15 @@ def test_arcface_head_on_real_checkpoint(fixture_model):
     z = ref_logits(x, w, None, label, cfg)
     p = np.exp(z - z.max(1, keepdims=True))
     np.testing.assert_allclose(prob, p / p.sum(1, keepdims=True), atol=2e-3)
+
+
+@pytest.mark.parametrize("name,kw", [("arcface", dict(center_loss_weight=0.1)), ("sphereface", {}),
+                                     ("triplet", {})])
+def test_training_symbol_json_round_trip(tmp_path, name, kw):
+    emb = mx.sym.FullyConnected(mx.sym.Variable("data"), num_hidden=6, name="fc1")
+    sym, _ = build_train_symbol(emb, 4, make_loss_config(name, **kw))
+    path = str(tmp_path / "train-symbol.json")
+    sym.save(path)
+    loaded = mx.sym.load(path)
+    assert loaded.list_outputs() == sym.list_outputs()
+    assert loaded.infer_shape(data=(4, 5), softmax_label=(4,)) == sym.infer_shape(data=(4, 5), softmax_label=(4,))
