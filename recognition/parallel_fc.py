@@ -1,0 +1,467 @@
+"""Model-parallel classifier (fc7 split by class across devices) and Partial FC, MXNet symbolic.
+
+With millions of identities the classifier ``fc7`` (C, E) no longer fits one device, and replicating it for data
+parallelism multiplies its memory and its gradient traffic. Here (as insightface's ``train_parall.py``):
+
+- the backbone is one :class:`mx.mod.Module` data-parallel over all devices; its embeddings (B, E) are gathered;
+- fc7 is split by class: device ``i`` holds rows ``[lo_i, hi_i)`` (:func:`split_classes`) as parameter
+  ``fc7_shard{i}_weight`` (and ``_bias`` for plain softmax) in its own single-device Module;
+- every shard computes its logits for the whole global batch; the margin (:func:`recognition.heads.
+  margin_target_logit`) touches only the shard that holds the target class; the softmax is then computed across
+  shards with explicit NDArray traffic: global max, sum of exponentials, ``p = exp(z - max) / sum``;
+- the loss is ``mean_b(-log p_target)``; shard ``i`` back-propagates ``(p_i - onehot_i) / B`` into its weights and
+  returns a (B, E) embedding gradient; the sum over shards is the backbone's output gradient.
+
+Partial FC (An et al., "Partial FC: Training 10 Million Identities on a Single Machine", ICCVW 2021): with
+``sample_ratio r < 1`` each step uses, per shard, the positive class centres of the batch plus uniformly sampled
+negatives (``ceil(r * rows)`` rows in all, more if the batch has more positives); only the sampled rows get a
+gradient, a momentum update and weight decay. The shard weights and momenta then live in a "memory bank" of
+NDArrays and the step runs on an executor bound for the sampled rows. ``r = 1`` gives the full result.
+
+Gradients are of the *mean* loss over the global batch, so every optimizer here runs with ``rescale_grad=1``
+(insightface's ``SoftmaxOutput(normalization='valid')`` + ``rescale_grad=1/num_devices`` is the same thing).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import mxnet as mx
+import numpy as np
+
+from recognition.common import ToolkitError
+from recognition.heads import CLASSIFICATION_LOSSES, LossConfig, margin_target_logit
+
+logger = logging.getLogger("recognition")
+
+
+def split_classes(num_classes: int, num_shards: int) -> List[Tuple[int, int]]:
+    """Class ranges ``[(lo, hi), ...]`` of each shard: sizes differ by at most one, later shards smaller.
+
+    E.g. 7 classes on 2 shards -> ``[(0, 4), (4, 7)]``. Raises ToolkitError when a shard would be empty.
+    """
+    num_classes, num_shards = int(num_classes), int(num_shards)
+    if num_shards < 1:
+        raise ToolkitError(f"model-parallel fc7: needs at least one device, got {num_shards}")
+    if num_classes < num_shards:
+        raise ToolkitError(f"--ctx: {num_shards} devices but only {num_classes} classes; model-parallel fc7 needs "
+                           f"at least one class per device (use fewer devices)")
+    base, extra = divmod(num_classes, num_shards)
+    ranges, lo = [], 0
+    for i in range(num_shards):
+        hi = lo + base + (1 if i < extra else 0)
+        ranges.append((lo, hi))
+        lo = hi
+    return ranges
+
+
+def shard_names(fc7_name: str, index: int, with_bias: bool) -> List[str]:
+    """Parameter names of shard ``index``: ``['fc7_shard0_weight'(, 'fc7_shard0_bias')]``."""
+    names = [f"{fc7_name}_shard{index}_weight"]
+    if with_bias:
+        names.append(f"{fc7_name}_shard{index}_bias")
+    return names
+
+
+def has_bias(loss_cfg: LossConfig) -> bool:
+    """Whether fc7 has a bias: only plain softmax without ``fc7_no_bias`` (as heads.build_train_symbol)."""
+    return loss_cfg.loss == "softmax" and not loss_cfg.fc7_no_bias
+
+
+def shard_symbol(num_rows: int, emb_size: int, loss_cfg: LossConfig, names: Sequence[str]) -> mx.sym.Symbol:
+    """Logits of one fc7 shard.
+
+    Inputs: ``data`` (B, E) embeddings; ``local_label`` (B,) target row inside this shard, ``-1`` where the target
+    class lives on another shard. Output (B, num_rows): ``s * cos`` with the margin on the target entry
+    (``s * margin_target_logit(cos_t)``), or ``W x + b`` for plain softmax.
+    """
+    if loss_cfg.loss not in CLASSIFICATION_LOSSES:
+        raise ToolkitError(f"--loss {loss_cfg.loss}: model-parallel fc7 needs a classification loss "
+                           f"({', '.join(CLASSIFICATION_LOSSES)})")
+    data = mx.sym.Variable("data")
+    label = mx.sym.Variable("local_label")
+    mults = dict(lr_mult=loss_cfg.fc7_lr_mult, wd_mult=loss_cfg.fc7_wd_mult)
+    weight = mx.sym.Variable(names[0], shape=(num_rows, emb_size), **mults)
+    stem = names[0][: -len("_weight")]
+    if loss_cfg.loss == "softmax":
+        bias = mx.sym.Variable(names[1], shape=(num_rows,), **mults) if len(names) > 1 else None
+        return mx.sym.FullyConnected(data, weight=weight, bias=bias, no_bias=bias is None, num_hidden=num_rows,
+                                     name=stem)
+    nweight = mx.sym.L2Normalization(weight, mode="instance")
+    nemb = mx.sym.L2Normalization(data, mode="instance")
+    cos = mx.sym.FullyConnected(nemb, weight=nweight, no_bias=True, num_hidden=num_rows, name=stem)
+    s = float(loss_cfg.margin_s)
+    if loss_cfg.loss != "sphereface" and (loss_cfg.margin_a, loss_cfg.margin_m, loss_cfg.margin_b) == (1, 0, 0):
+        return cos * s
+    # pick() clips a -1 label to column 0; one_hot(-1) is an all-zero row, so that value never reaches the logits
+    # and its gradient is multiplied by zero (margin_target_logit clips cosines, so it stays finite).
+    cos_t = mx.sym.pick(cos, label, axis=1)
+    diff = margin_target_logit(cos_t, loss_cfg) - cos_t
+    onehot = mx.sym.one_hot(label, depth=num_rows)
+    return (cos + mx.sym.broadcast_mul(onehot, mx.sym.expand_dims(diff, axis=1))) * s
+
+
+def local_labels(labels: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    """(B,) class ids -> (B,) rows inside ``[lo, hi)`` as float32, ``-1`` elsewhere."""
+    labels = np.asarray(labels).astype(np.int64)
+    inside = (labels >= lo) & (labels < hi)
+    return np.where(inside, labels - lo, -1).astype(np.float32)
+
+
+def cross_shard_softmax(logits: Sequence[mx.nd.NDArray], labels: Sequence[mx.nd.NDArray], offsets: Sequence[int],
+                        ctx: mx.Context) -> Tuple[np.ndarray, np.ndarray, List[mx.nd.NDArray]]:
+    """Softmax cross-entropy over class-sharded logits.
+
+    Inputs: ``logits[i]`` (B, C_i) on shard i's device; ``labels[i]`` (B,) local target row or -1 (same device);
+    ``offsets[i]`` the first global class (or sampled column index) of shard i; ``ctx`` where the reductions meet.
+    Outputs: ``loss`` (B,) numpy ``-log p_target``; ``pred`` (B,) numpy global argmax (offset + local argmax);
+    ``grads[i]`` (B, C_i) on shard i's device, the gradient of ``mean_b(loss)`` w.r.t. ``logits[i]``.
+    """
+    batch = logits[0].shape[0]
+    local_max = [z.max(axis=1) for z in logits]
+    gmax = mx.nd.max(mx.nd.stack(*[m.as_in_context(ctx) for m in local_max], axis=0), axis=0)  # (B,)
+    exps, sums, targets = [], [], []
+    for z, lab in zip(logits, labels):
+        e = mx.nd.exp(mx.nd.broadcast_sub(z, gmax.as_in_context(z.context).reshape((-1, 1))))
+        exps.append(e)
+        sums.append(e.sum(axis=1).as_in_context(ctx))
+        hit = lab >= 0
+        targets.append((mx.nd.pick(z, lab, axis=1) * hit).as_in_context(ctx))
+    total = mx.nd.add_n(*sums) if len(sums) > 1 else sums[0]  # (B,)
+    target = mx.nd.add_n(*targets) if len(targets) > 1 else targets[0]
+    loss = (gmax + mx.nd.log(total) - target).asnumpy()
+    grads = []
+    for e, lab in zip(exps, labels):
+        p = mx.nd.broadcast_div(e, total.as_in_context(e.context).reshape((-1, 1)))
+        grads.append((p - mx.nd.one_hot(lab, depth=e.shape[1])) * (1.0 / batch))
+    # prediction: the shard with the largest local max wins
+    maxes = np.stack([m.asnumpy() for m in local_max])  # (N, B)
+    args = np.stack([z.argmax(axis=1).asnumpy().astype(np.int64) + off for z, off in zip(logits, offsets)])
+    pred = args[maxes.argmax(axis=0), np.arange(batch)]
+    return loss, pred, grads
+
+
+def _make_optimizer(name, params: dict, sym, names: Sequence[str]):
+    params = dict(params or {})
+    params["rescale_grad"] = 1.0  # gradients are already of the mean loss
+    return mx.optimizer.create(name, sym=sym, param_idx2name=dict(enumerate(names)), **params)
+
+
+def _nbytes(arrays) -> int:
+    return int(sum(a.size * np.dtype(a.dtype).itemsize for a in arrays if a is not None))
+
+
+class ModuleShard:
+    """One full fc7 shard as a single-device Module (insightface's ``train_parall`` layout)."""
+
+    def __init__(self, index: int, lo: int, hi: int, emb_size: int, batch_size: int, loss_cfg: LossConfig,
+                 ctx: mx.Context, fc7_name: str = "fc7"):
+        self.index, self.lo, self.hi, self.ctx = index, lo, hi, ctx
+        self.names = shard_names(fc7_name, index, has_bias(loss_cfg))
+        self.symbol = shard_symbol(hi - lo, emb_size, loss_cfg, self.names)
+        # heads without a margin (softmax, nsoftmax) do not read the label
+        self.uses_label = "local_label" in self.symbol.list_arguments()
+        label_names = ["local_label"] if self.uses_label else []
+        self.module = mx.mod.Module(self.symbol, data_names=["data"], label_names=label_names, context=ctx,
+                                    logger=logger)
+        self.module.bind(data_shapes=[("data", (batch_size, emb_size))],
+                         label_shapes=[("local_label", (batch_size,))] if self.uses_label else None,
+                         for_training=True, inputs_need_grad=True)
+
+    def set_rows(self, weight: mx.nd.NDArray, bias: Optional[mx.nd.NDArray] = None) -> None:
+        """Load this shard's rows: ``weight`` (rows, E), ``bias`` (rows,)."""
+        arg = {self.names[0]: weight}
+        if len(self.names) > 1:
+            arg[self.names[1]] = bias if bias is not None else mx.nd.zeros((self.hi - self.lo,))
+        self.module.init_params(arg_params=arg, aux_params={}, allow_missing=False, force_init=True)
+
+    def init_optimizer(self, optimizer: str, optimizer_params: dict) -> None:
+        opt = _make_optimizer(optimizer, optimizer_params, self.symbol, self.names)
+        with warnings.catch_warnings():  # Module expects rescale_grad = 1/batch; ours is 1 by design (see top)
+            warnings.simplefilter("ignore")
+            self.module.init_optimizer(kvstore=None, optimizer=opt, force_init=True)
+
+    def forward(self, emb: mx.nd.NDArray, labels: np.ndarray) -> Tuple[mx.nd.NDArray, mx.nd.NDArray]:
+        """(B, E) embeddings, (B,) global labels -> ((B, rows) logits, (B,) local labels), on this device."""
+        lab = mx.nd.array(local_labels(labels, self.lo, self.hi), ctx=self.ctx)
+        batch = mx.io.DataBatch(data=[emb.as_in_context(self.ctx)], label=[lab] if self.uses_label else None)
+        self.module.forward(batch, is_train=True)
+        return self.module.get_outputs()[0], lab
+
+    def backward(self, out_grad: mx.nd.NDArray) -> mx.nd.NDArray:
+        """(B, rows) logit gradient -> (B, E) embedding gradient (this shard's share)."""
+        self.module.backward(out_grads=[out_grad])
+        return self.module.get_input_grads()[0]
+
+    def update(self) -> None:
+        self.module.update()
+
+    def get_rows(self) -> List[mx.nd.NDArray]:
+        arg, _ = self.module.get_params()
+        return [arg[n] for n in self.names]
+
+    def memory_bytes(self) -> int:
+        """Bytes of weights, gradients, outputs and optimizer states this shard holds (MXNet workspace excluded)."""
+        exe = self.module._exec_group.execs[0]
+        states = getattr(self.module._updater, "states", {}) if self.module._updater else {}
+        return _nbytes(list(exe.arg_dict.values()) + [g for g in exe.grad_arrays if g is not None] + exe.outputs
+                       + [s for s in states.values() if isinstance(s, mx.nd.NDArray)])
+
+
+class SampledShard:
+    """One fc7 shard for Partial FC: a memory bank of all rows (weight, momentum) and an executor for the
+    sampled rows. Only sampled rows are read, get a gradient and are updated."""
+
+    def __init__(self, index: int, lo: int, hi: int, emb_size: int, batch_size: int, loss_cfg: LossConfig,
+                 ctx: mx.Context, sample_ratio: float, rng: np.random.RandomState, fc7_name: str = "fc7"):
+        self.index, self.lo, self.hi, self.ctx = index, lo, hi, ctx
+        self.rows, self.emb_size, self.batch_size, self.loss_cfg = hi - lo, emb_size, batch_size, loss_cfg
+        self.names = shard_names(fc7_name, index, has_bias(loss_cfg))
+        self.num_sample = min(self.rows, max(1, int(math.ceil(sample_ratio * self.rows))))
+        self.rng = rng
+        self.bank: List[mx.nd.NDArray] = [mx.nd.zeros((self.rows, emb_size), ctx=ctx)]
+        if len(self.names) > 1:
+            self.bank.append(mx.nd.zeros((self.rows,), ctx=ctx))
+        self.states: List[Optional[mx.nd.NDArray]] = [None] * len(self.names)
+        self.optimizer = None
+        self._execs: Dict[int, mx.executor.Executor] = {}
+        self._exe = None
+        self._index = None  # sampled rows (K,) int64 NDArray on ctx
+        self.sampled = None  # sampled rows (K,) numpy, sorted
+
+    def _executor(self, k: int):
+        if k not in self._execs:
+            sym = shard_symbol(k, self.emb_size, self.loss_cfg, self.names)
+            shapes = {"data": (self.batch_size, self.emb_size), "local_label": (self.batch_size,),
+                      self.names[0]: (k, self.emb_size)}
+            if len(self.names) > 1:
+                shapes[self.names[1]] = (k,)
+            if "local_label" not in sym.list_arguments():
+                del shapes["local_label"]
+            req = {n: "write" for n in shapes}
+            if "local_label" in req:
+                req["local_label"] = "null"
+            self._execs[k] = sym.simple_bind(self.ctx, grad_req=req, **shapes)
+        return self._execs[k]
+
+    def set_rows(self, weight: mx.nd.NDArray, bias: Optional[mx.nd.NDArray] = None) -> None:
+        self.bank[0][:] = weight.as_in_context(self.ctx)
+        if len(self.bank) > 1 and bias is not None:
+            self.bank[1][:] = bias.as_in_context(self.ctx)
+        self.states = [None] * len(self.names)
+
+    def init_optimizer(self, optimizer: str, optimizer_params: dict) -> None:
+        sym = shard_symbol(self.num_sample, self.emb_size, self.loss_cfg, self.names)
+        self.optimizer = _make_optimizer(optimizer, optimizer_params, sym, self.names)
+        self.states = [self.optimizer.create_state(i, b) for i, b in enumerate(self.bank)]
+
+    def sample(self, local: np.ndarray) -> np.ndarray:
+        """Rows to use this step: all positives of ``local`` (B,) plus random negatives; sorted (K,)."""
+        pos = np.unique(local[local >= 0].astype(np.int64))
+        k = max(self.num_sample, len(pos))
+        if k >= self.rows:
+            return np.arange(self.rows, dtype=np.int64)
+        mask = np.ones(self.rows, dtype=bool)
+        mask[pos] = False
+        neg = self.rng.choice(np.flatnonzero(mask), k - len(pos), replace=False)
+        return np.sort(np.concatenate([pos, neg]))
+
+    def forward(self, emb: mx.nd.NDArray, labels: np.ndarray) -> Tuple[mx.nd.NDArray, mx.nd.NDArray]:
+        local = local_labels(labels, self.lo, self.hi)
+        self.sampled = self.sample(local)
+        pos = np.searchsorted(self.sampled, np.maximum(local, 0).astype(np.int64))
+        lab = mx.nd.array(np.where(local >= 0, pos, -1), ctx=self.ctx)
+        self._index = mx.nd.array(self.sampled, ctx=self.ctx, dtype="int64")
+        exe = self._exe = self._executor(len(self.sampled))
+        emb.copyto(exe.arg_dict["data"])
+        if "local_label" in exe.arg_dict:
+            exe.arg_dict["local_label"][:] = lab
+        for name, bank in zip(self.names, self.bank):
+            exe.arg_dict[name][:] = mx.nd.take(bank, self._index)
+        exe.forward(is_train=True)
+        return exe.outputs[0], lab
+
+    def backward(self, out_grad: mx.nd.NDArray) -> mx.nd.NDArray:
+        self._exe.backward(out_grads=[out_grad])
+        return self._exe.grad_dict["data"]
+
+    def update(self) -> None:
+        """Optimizer step on the sampled rows only; written back into the bank."""
+        exe, idx = self._exe, self._index
+        for i, (name, bank) in enumerate(zip(self.names, self.bank)):
+            weight = exe.arg_dict[name]
+            state = mx.nd.take(self.states[i], idx) if self.states[i] is not None else None
+            self.optimizer.update(i, weight, exe.grad_dict[name], state)
+            bank[idx] = weight
+            if state is not None:
+                self.states[i][idx] = state
+
+    def get_rows(self) -> List[mx.nd.NDArray]:
+        return [b.copy() for b in self.bank]
+
+    def memory_bytes(self) -> int:
+        arrays = list(self.bank) + [s for s in self.states if s is not None]
+        for exe in self._execs.values():
+            arrays += list(exe.arg_dict.values()) + [g for g in exe.grad_arrays if g is not None] + exe.outputs
+        return _nbytes(arrays)
+
+
+class ModelParallelFC:
+    """fc7 split by class over ``contexts``; the margin softmax computed across shards.
+
+    ``forward_backward(emb (B, E), labels (B,))`` returns per-sample losses, predictions and the (B, E) gradient
+    of the mean loss w.r.t. the embeddings; ``update()`` steps every shard. ``sample_ratio < 1`` (or
+    ``sampled=True``) uses :class:`SampledShard` (Partial FC), otherwise :class:`ModuleShard`.
+    """
+
+    def __init__(self, num_classes: int, emb_size: int, loss_cfg: LossConfig, contexts: Sequence[mx.Context],
+                 batch_size: int, sample_ratio: float = 1.0, fc7_name: str = "fc7", seed: int = 0,
+                 sampled: Optional[bool] = None):
+        if not 0.0 < float(sample_ratio) <= 1.0:
+            raise ToolkitError(f"--sample-ratio: must be in (0, 1], got {sample_ratio}")
+        if loss_cfg.center_loss_weight > 0:
+            raise ToolkitError("--center-loss-weight: not supported with the model-parallel fc7 (train_parall.py)")
+        self.num_classes, self.emb_size, self.loss_cfg = int(num_classes), int(emb_size), loss_cfg
+        self.contexts, self.batch_size, self.fc7_name = list(contexts), int(batch_size), fc7_name
+        self.ranges = split_classes(num_classes, len(self.contexts))
+        self.sampled = sample_ratio < 1.0 if sampled is None else bool(sampled)
+        self.with_bias = has_bias(loss_cfg)
+        rng = np.random.RandomState(seed)
+        self.shards = []
+        for i, ((lo, hi), ctx) in enumerate(zip(self.ranges, self.contexts)):
+            if self.sampled:
+                self.shards.append(SampledShard(i, lo, hi, emb_size, batch_size, loss_cfg, ctx, sample_ratio, rng,
+                                                fc7_name))
+            else:
+                self.shards.append(ModuleShard(i, lo, hi, emb_size, batch_size, loss_cfg, ctx, fc7_name))
+
+    @property
+    def param_names(self) -> List[str]:
+        """Names of the full fc7 parameters, as build_train_symbol names them."""
+        return [f"{self.fc7_name}_weight"] + ([f"{self.fc7_name}_bias"] if self.with_bias else [])
+
+    def init_params(self, fc7: Optional[Dict[str, mx.nd.NDArray]] = None, seed: int = 0) -> None:
+        """Split a full fc7 (``{'fc7_weight': (C, E)[, 'fc7_bias': (C,)]}``) into the shards, or initialise new
+        rows as heads.build_train_symbol would (Normal(0.01) for normalised heads, Xavier-like for softmax)."""
+        weight = (fc7 or {}).get(self.param_names[0])
+        if weight is not None and tuple(weight.shape) != (self.num_classes, self.emb_size):
+            raise ToolkitError(f"fc7: {self.param_names[0]} has shape {tuple(weight.shape)}, expected "
+                               f"({self.num_classes}, {self.emb_size}) for the data's classes and embedding")
+        bias = (fc7 or {}).get(self.param_names[1]) if self.with_bias else None
+        if weight is None:
+            rng = np.random.RandomState(seed)
+            scale = 0.01 if self.loss_cfg.loss != "softmax" else math.sqrt(3.0 / self.emb_size)
+            init = rng.normal(0, scale, (self.num_classes, self.emb_size)) if self.loss_cfg.loss != "softmax" \
+                else rng.uniform(-scale, scale, (self.num_classes, self.emb_size))
+            weight = mx.nd.array(init.astype(np.float32))
+        if self.with_bias and bias is None:
+            bias = mx.nd.zeros((self.num_classes,))
+        for shard, (lo, hi) in zip(self.shards, self.ranges):
+            shard.set_rows(weight[lo:hi].as_in_context(shard.ctx),
+                           bias[lo:hi].as_in_context(shard.ctx) if bias is not None else None)
+
+    def init_optimizer(self, optimizer: str = "sgd", optimizer_params: Optional[dict] = None) -> None:
+        """One optimizer per shard (``rescale_grad`` forced to 1: the gradients are of the mean loss)."""
+        for shard in self.shards:
+            shard.init_optimizer(optimizer, dict(optimizer_params or {}))
+
+    def forward_backward(self, emb: mx.nd.NDArray, labels) -> Tuple[np.ndarray, np.ndarray, mx.nd.NDArray]:
+        """(B, E) embeddings and (B,) class ids -> (loss (B,), pred (B,), (B, E) gradient on ``emb``'s device)."""
+        labels = np.asarray(labels.asnumpy() if isinstance(labels, mx.nd.NDArray) else labels)
+        outs = [shard.forward(emb, labels) for shard in self.shards]
+        offsets = [0] * len(self.shards) if self.sampled else [lo for lo, _ in self.ranges]
+        loss, pred, grads = cross_shard_softmax([o[0] for o in outs], [o[1] for o in outs], offsets, emb.context)
+        if self.sampled:  # predictions over sampled columns -> class ids
+            pred = self._sampled_pred(outs)
+        emb_grads = [shard.backward(g).as_in_context(emb.context) for shard, g in zip(self.shards, grads)]
+        return loss, pred, (mx.nd.add_n(*emb_grads) if len(emb_grads) > 1 else emb_grads[0])
+
+    def _sampled_pred(self, outs) -> np.ndarray:
+        best = np.full(self.batch_size, -np.inf)
+        pred = np.zeros(self.batch_size, dtype=np.int64)
+        for shard, (z, _) in zip(self.shards, outs):
+            z = z.asnumpy()
+            arg = z.argmax(axis=1)
+            val = z[np.arange(len(arg)), arg]
+            better = val > best
+            best[better] = val[better]
+            pred[better] = shard.lo + shard.sampled[arg[better]]
+        return pred
+
+    def update(self) -> None:
+        for shard in self.shards:
+            shard.update()
+
+    def get_fc7(self) -> Dict[str, mx.nd.NDArray]:
+        """The full fc7 reassembled on the CPU: ``{'fc7_weight': (C, E)[, 'fc7_bias': (C,)]}``."""
+        rows = [shard.get_rows() for shard in self.shards]
+        return {name: mx.nd.concat(*[r[j].as_in_context(mx.cpu()) for r in rows], dim=0)
+                for j, name in enumerate(self.param_names)}
+
+    def memory_bytes(self) -> List[int]:
+        """Per device: bytes of the fc7 arrays held (weights, gradients, logits, optimizer states)."""
+        return [shard.memory_bytes() for shard in self.shards]
+
+
+class ParallelModule:
+    """Backbone data-parallel over ``contexts`` + fc7 model-parallel over the same devices.
+
+    ``embedding``: Symbol (B, E) (``fc1_output``), input ``data`` (B, 3, H, W). One training step is
+    ``forward_backward(batch)`` then ``update()``; :meth:`get_params` returns the backbone parameters plus the full
+    fc7 under its single-device name (``fc7_weight``), so checkpoints load in train.py and vice versa.
+    """
+
+    def __init__(self, embedding: mx.sym.Symbol, num_classes: int, loss_cfg: LossConfig,
+                 contexts: Sequence[mx.Context], batch_size: int, data_shape: Tuple[int, ...] = (3, 112, 112),
+                 emb_size: Optional[int] = None, sample_ratio: float = 1.0, fc7_name: str = "fc7",
+                 fixed_param_names: Optional[Sequence[str]] = None, seed: int = 0, sampled: Optional[bool] = None):
+        from recognition.heads import infer_emb_size
+
+        self.contexts, self.batch_size = list(contexts), int(batch_size)
+        if self.batch_size < len(self.contexts):
+            raise ToolkitError(f"batch size {batch_size} is smaller than the number of devices ({len(contexts)})")
+        self.emb_size = int(emb_size or infer_emb_size(embedding))
+        self.backbone = mx.mod.Module(embedding, data_names=["data"], label_names=None, context=self.contexts,
+                                      fixed_param_names=list(fixed_param_names or []), logger=logger)
+        self.backbone.bind(data_shapes=[("data", (self.batch_size,) + tuple(data_shape))], for_training=True)
+        self.fc = ModelParallelFC(num_classes, self.emb_size, loss_cfg, self.contexts, self.batch_size,
+                                  sample_ratio=sample_ratio, fc7_name=fc7_name, seed=seed, sampled=sampled)
+
+    def init_params(self, arg_params: Optional[dict] = None, aux_params: Optional[dict] = None,
+                    fc7: Optional[dict] = None, initializer=None, allow_missing: bool = True, seed: int = 0) -> None:
+        """Backbone from ``arg_params``/``aux_params`` (extra keys such as fc7 ignored), the rest from
+        ``initializer``; fc7 split from ``fc7`` (full arrays) or freshly initialised."""
+        self.backbone.init_params(initializer=initializer or mx.init.Xavier(rnd_type="gaussian", factor_type="out",
+                                                                            magnitude=2),
+                                  arg_params=arg_params, aux_params=aux_params, allow_missing=allow_missing,
+                                  allow_extra=True, force_init=True)
+        self.fc.init_params(fc7, seed=seed)
+
+    def init_optimizer(self, kvstore: str = "device", optimizer: str = "sgd", optimizer_params: Optional[dict] = None,
+                       fc7_optimizer_params: Optional[dict] = None) -> None:
+        """Backbone optimizer through ``kvstore`` (summing the per-device gradients), one per fc7 shard."""
+        params = dict(optimizer_params or {})
+        params["rescale_grad"] = 1.0  # out_grads are already of the mean loss over the global batch
+        self.backbone.init_optimizer(kvstore=kvstore, optimizer=optimizer, optimizer_params=params, force_init=True)
+        self.fc.init_optimizer(optimizer, dict(fc7_optimizer_params or params))
+
+    def forward_backward(self, batch: mx.io.DataBatch) -> Tuple[np.ndarray, np.ndarray]:
+        """``batch.data[0]`` (B, 3, H, W), ``batch.label[0]`` (B,) -> per-sample loss (B,), prediction (B,)."""
+        self.backbone.forward(mx.io.DataBatch(data=[batch.data[0]]), is_train=True)
+        emb = self.backbone.get_outputs(merge_multi_context=True)[0]
+        loss, pred, grad = self.fc.forward_backward(emb, batch.label[0])
+        self.backbone.backward(out_grads=[grad])
+        return loss, pred
+
+    def update(self) -> None:
+        self.backbone.update()
+        self.fc.update()
+
+    def get_params(self) -> Tuple[Dict[str, mx.nd.NDArray], Dict[str, mx.nd.NDArray]]:
+        """``(arg_params, aux_params)`` on the CPU: backbone + the full fc7 (``fc7_weight`` (C, E), ...)."""
+        arg, aux = self.backbone.get_params()
+        arg = dict(arg)
+        arg.update(self.fc.get_fc7())
+        return arg, dict(aux)
