@@ -375,12 +375,16 @@ def load_pretrained(spec: str, network: Optional[str] = None, emb_size: Optional
     t_arg, t_aux, out_emb = infer_param_shapes(symbol, data_shape, f"--network {network}" if network else where)
     t_arg = {k: v for k, v in t_arg.items() if not _is_input(k)}
     emb_layer = set(embedding_layer(symbol)[0])
-    if ckpt_emb is None and emb_size is not None:  # no graph nor sidecar: read it off the (aliased) FC weight
+    if ckpt_emb is None:  # no graph nor sidecar: read it off the (aliased) embedding FC weight
         for n in emb_layer:
             for cand in [n] + _alias_candidates(n):
                 if cand in ckpt_arg and len(ckpt_arg[cand].shape) == 2:
                     ckpt_emb = int(ckpt_arg[cand].shape[0])
-        emb_change = ckpt_emb is not None and int(emb_size) != ckpt_emb
+        if network is not None and emb_size is None and ckpt_emb not in (None, out_emb):  # follow the checkpoint's width
+            symbol = get_symbol(network, emb_size=ckpt_emb, prelu=prelu)
+            t_arg, t_aux, out_emb = infer_param_shapes(symbol, data_shape, f"--network {network}")
+            t_arg = {k: v for k, v in t_arg.items() if not _is_input(k)}
+        emb_change = emb_size is not None and ckpt_emb is not None and int(emb_size) != ckpt_emb
 
     cls_w, cls_b, head_others = _find_classifier(ckpt_sym, ckpt_arg, meta, fc7_name, ckpt_emb, backbone_names)
     claimed = {n for n in (cls_w, cls_b) if n}
