@@ -1,0 +1,138 @@
+"""1:N face search: a gallery of known identities, top-k names for query faces, rank-1 identification accuracy.
+
+    python deploy/search.py --model M,0 --gallery people/ --query a.jpg b.jpg --top-k 5
+    python deploy/search.py --model M,0 --gallery people/ --probe probes/       # rank-1 accuracy
+    python deploy/search.py --model M,0 --gallery people/ --save-gallery g.npz  # reuse with --gallery g.npz
+
+``people/`` and ``probes/`` hold one sub-folder per identity (same names). ``--mode mean`` keeps one normalised
+mean embedding per identity; ``--mode all`` keeps every image (an identity's score is its best image's).
+Scores are cosine similarities of L2-normalised embeddings.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from deploy.extract import list_identity_folder
+from deploy.face_model import FaceModel, add_model_args, l2_normalize, model_from_args
+from recognition.common import ToolkitError, atomic_write, run_cli
+
+
+class Gallery:
+    """Identity gallery searched with ``sklearn.neighbors.NearestNeighbors`` (euclidean on unit vectors).
+
+    ``names`` (M,) identity of each row of ``embeddings`` (M, E).
+    """
+
+    def __init__(self, names: Sequence[str], embeddings: np.ndarray):
+        self.names = np.asarray(list(names))
+        self.embeddings = l2_normalize(np.asarray(embeddings, dtype=np.float32))
+        if len(self.names) != len(self.embeddings) or not len(self.names):
+            raise ToolkitError(f"gallery: {len(self.names)} names for {len(self.embeddings)} embeddings")
+        from sklearn.neighbors import NearestNeighbors
+
+        self._nn = NearestNeighbors(metric="euclidean").fit(self.embeddings)
+        self.num_identities = len(set(self.names.tolist()))
+
+    @classmethod
+    def from_embeddings(cls, names: Sequence[str], embeddings: np.ndarray, mode: str = "mean") -> "Gallery":
+        """Build from per-image embeddings; ``mode='mean'`` averages each identity's unit vectors."""
+        if mode == "all":
+            return cls(names, embeddings)
+        if mode != "mean":
+            raise ToolkitError(f"--mode {mode!r}: expected 'mean' or 'all'")
+        names = np.asarray(list(names))
+        uniq = sorted(set(names.tolist()))
+        means = np.stack([l2_normalize(embeddings[names == n]).mean(0) for n in uniq])
+        return cls(uniq, means)
+
+    def search(self, queries: np.ndarray, top_k: int = 5) -> List[List[Tuple[str, float]]]:
+        """``queries (Q, E)`` -> per query up to ``top_k`` distinct identities ``(name, cosine)``, best first."""
+        q = l2_normalize(np.asarray(queries, dtype=np.float32))
+        k = min(len(self.names), top_k if self.num_identities == len(self.names) else len(self.names))
+        dist, idx = self._nn.kneighbors(q, n_neighbors=k)
+        out = []
+        for drow, irow in zip(dist, idx):
+            seen, row = set(), []
+            for d, i in zip(drow, irow):
+                name = str(self.names[i])
+                if name not in seen:  # mode 'all': an identity scores with its nearest image
+                    seen.add(name)
+                    row.append((name, float(1.0 - d * d / 2.0)))  # unit vectors: cos = 1 - |a-b|^2 / 2
+                if len(row) == top_k:
+                    break
+            out.append(row)
+        return out
+
+    def save(self, path: str) -> None:
+        """Atomically write ``names`` and ``embeddings`` to an ``.npz``."""
+        with atomic_write(path, "wb") as f:
+            np.savez(f, names=self.names.astype(str), embeddings=self.embeddings)
+
+    @classmethod
+    def load(cls, path: str) -> "Gallery":
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                return cls(z["names"], z["embeddings"])
+        except (OSError, KeyError, ValueError) as exc:
+            raise ToolkitError(f"{path}: not a gallery .npz written by --save-gallery ({exc})") from None
+
+
+def build_gallery(model: FaceModel, folder: str, mode: str = "mean") -> Gallery:
+    """Embed a folder of identity sub-folders into a :class:`Gallery`."""
+    items = list_identity_folder(folder)
+    emb = model.get_features([p for _, _, p in items])
+    return Gallery.from_embeddings([n for n, _, _ in items], emb, mode)
+
+
+def rank1_accuracy(model: FaceModel, gallery: Gallery, probe_folder: str) -> Tuple[float, int]:
+    """Fraction of probe images (identity sub-folders named as in the gallery) whose top-1 name is right."""
+    items = list_identity_folder(probe_folder)
+    known = set(gallery.names.tolist())
+    unknown = sorted({n for n, _, _ in items} - known)
+    if unknown:
+        raise ToolkitError(f"{probe_folder}: probe identities not in the gallery: {', '.join(unknown[:5])}")
+    hits = gallery.search(model.get_features([p for _, _, p in items]), top_k=1)
+    correct = sum(row[0][0] == name for row, (name, _, _) in zip(hits, items))
+    return correct / len(items), len(items)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(description="1:N search of aligned faces against a gallery of identities")
+    p.add_argument("--gallery", required=True, help="folder of identity sub-folders, or a .npz from --save-gallery")
+    p.add_argument("--mode", default="mean", choices=["mean", "all"], help="one mean embedding or all per identity")
+    p.add_argument("--query", nargs="*", default=[], help="images to identify")
+    p.add_argument("--probe", help="labelled folder of identity sub-folders: print rank-1 accuracy")
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--save-gallery", help="write the gallery embeddings to this .npz")
+    add_model_args(p)
+    args = p.parse_args(argv)
+    if args.top_k < 1:
+        raise ToolkitError(f"--top-k {args.top_k}: must be >= 1")
+    if not os.path.exists(args.gallery):
+        raise ToolkitError(f"--gallery {args.gallery} does not exist")
+    model = model_from_args(args)
+    gallery = Gallery.load(args.gallery) if os.path.isfile(args.gallery) else \
+        build_gallery(model, args.gallery, args.mode)
+    if args.save_gallery:
+        gallery.save(args.save_gallery)
+        print(f"gallery of {gallery.num_identities} identities ({len(gallery.names)} rows) -> {args.save_gallery}")
+    if args.query:
+        for path, row in zip(args.query, gallery.search(model.get_features(args.query), args.top_k)):
+            print(path + "\t" + "  ".join(f"{n}:{s:.4f}" for n, s in row))
+    if args.probe:
+        acc, n = rank1_accuracy(model, gallery, args.probe)
+        print(f"rank-1 accuracy {acc:.4f} on {n} probe images ({gallery.num_identities} gallery identities)")
+    return 0
+
+
+def cli() -> None:
+    sys.exit(run_cli(main))
+
+
+if __name__ == "__main__":
+    cli()
