@@ -170,8 +170,7 @@ def check_positive(cfg, keys: Sequence[str]) -> None:
 
 def build_parser(description: str, legacy: bool = False, prog: Optional[str] = None) -> argparse.ArgumentParser:
     """Parser with every group; ``legacy`` swaps ``--loss`` for train_softmax.py's ``--loss-type`` flags."""
-    parser = argparse.ArgumentParser(prog=prog, description=description,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(prog=prog, description=description)
     add_model_args(parser)
     if legacy:
         add_legacy_loss_args(parser)

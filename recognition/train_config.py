@@ -237,6 +237,11 @@ def resolve_config(cli: dict, config_file: Optional[str] = None, sets: Iterable[
         return (base or {}).get(key, tree.default.get(key))
 
     net, ds, loss_name = pick("network"), pick("dataset"), pick("loss")
+    explicit_data = any("data_dir" in layer for layer in (set_flat, given, file_flat))
+    explicit_ds = any("dataset" in layer for layer in (set_flat, given, file_flat))
+    if explicit_data and not explicit_ds and not base:
+        # --data-dir alone: the folder names the dataset; no config section (and its class count) applies
+        ds = os.path.basename(os.path.normpath(pick("data_dir")))
     flat = edict()
     if base:
         flat.update(copy.deepcopy(base))

@@ -1,0 +1,476 @@
+"""The training loop shared by ``train.py``, ``train_softmax.py`` (and ``train_parall.py``).
+
+:func:`prepare_run` checks everything a run needs (data, classes, targets, checkpoint, devices) before any
+compute; :class:`Trainer` then steps a ``mx.mod.Module`` over all devices (data parallel, batch =
+per-batch-size x devices) through the stage schedule (``head`` -> ``all``), verifying on ``--target`` every
+``--verbose`` batches, saving by the ``--ckpt`` policy and always at the end, with a resume state next to it.
+
+Per-parameter multipliers: an optimizer instance handed to ``Module.init_optimizer`` ignores the graph's
+``lr_mult`` attributes (no ``sym`` given; insightface's train.py ran with fc7_lr_mult silently at 1). Here the
+optimizer gets explicit ``set_lr_mult``/``set_wd_mult`` dicts from :func:`recognition.freeze.param_multipliers`.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import time
+import warnings
+from typing import Dict, List, Optional
+
+import mxnet as mx
+import numpy as np
+from easydict import EasyDict as edict
+
+from recognition import callbacks as cb
+from recognition.args import check_positive
+from recognition.common import ToolkitError, atomic_write, parse_ctx, parse_prefix_epoch, setup_logging
+from recognition.metrics_log import MetricsLog, Window, plot_curves
+
+logger = logging.getLogger("recognition")
+
+
+# ------------------------------------------------------------------------------------------------ preparation
+def _parse_lr_steps(text) -> List[int]:
+    if text in (None, "", []):
+        return []
+    if isinstance(text, (list, tuple)):
+        items = list(text)
+    else:
+        items = [t for t in str(text).split(",") if t.strip()]
+    try:
+        steps = sorted(int(t) for t in items)
+    except ValueError:
+        raise ToolkitError(f"--lr-steps {text!r}: expected comma-separated batch counts, e.g. 100000,160000") \
+            from None
+    if any(s <= 0 for s in steps):
+        raise ToolkitError(f"--lr-steps {text!r}: steps must be positive")
+    return steps
+
+
+def _resolve_data_dir(cfg) -> str:
+    if cfg.get("data_dir"):
+        d = cfg.data_dir
+    elif cfg.dataset and os.path.isdir(str(cfg.dataset)):
+        d = cfg.dataset
+    elif cfg.get("dataset_path"):
+        d = cfg.dataset_path
+    else:
+        from recognition.train_config import dataset as known
+
+        raise ToolkitError(f"--dataset {cfg.dataset!r}: not a dataset name ({', '.join(known)}) nor a folder; "
+                           "give --data-dir DIR")
+    if not os.path.isfile(os.path.join(d, "train.rec")):
+        raise ToolkitError(f"--data-dir {d}: {os.path.join(d, 'train.rec')} does not exist")
+    return d
+
+
+def _resolve_targets(cfg, data_dir: str) -> List[str]:
+    """``--target lfw,cfp_fp`` -> paths; an explicit target must exist, a dataset default is skipped with a warning."""
+    explicit = cfg.get("target") is not None
+    raw = cfg.target if explicit else cfg.get("val_targets") or []
+    names = [t.strip() for t in (raw.split(",") if isinstance(raw, str) else raw) if t and t.strip()]
+    paths = []
+    for name in names:
+        path = name if (name.endswith(".bin") or os.sep in name) else os.path.join(data_dir, name + ".bin")
+        if os.path.isfile(path):
+            paths.append(path)
+        elif explicit:
+            raise ToolkitError(f"--target {name}: verification set {path} does not exist")
+        else:
+            logger.warning("dataset target %s: %s does not exist; skipped", name, path)
+    return paths
+
+
+def prepare_run(cfg) -> edict:
+    """Validate ``cfg`` (flat config from :func:`recognition.train_config.resolve_config`) before any compute.
+
+    Returns a plan: ``ctx``, ``data_dir``, ``num_classes``, ``targets``, ``pretrained`` (``PREFIX,EPOCH`` or
+    None), ``resume`` (state dict or None), ``stages``, ``lr_steps``, ``loss_cfg``, ``prefix``, ``run_dir``,
+    ``batch_size``, ``max_total`` (last step or None).
+    """
+    from recognition.freeze import parse_stages
+    from recognition.heads import TRIPLET_LOSSES, make_loss_config
+    from recognition.rec import read_property
+
+    plan = edict()
+    plan.ctx = parse_ctx(cfg.get("ctx"))
+    check_positive(cfg, ["per_batch_size", "frequent", "verbose", "end_epoch"])
+    if cfg.lr is None or cfg.lr < 0:
+        raise ToolkitError(f"--lr: must be >= 0, got {cfg.lr}")
+    plan.loss_cfg = make_loss_config(cfg.loss, **cfg.loss_kwargs)
+    plan.resume = cb.read_resume_state(cfg.resume) if cfg.get("resume") else None
+    plan.pretrained = None
+    if cfg.get("pretrained") and not plan.resume:
+        spec = str(cfg.pretrained)
+        if "," not in spec and not spec.endswith(".params") and cfg.get("pretrained_epoch") is not None:
+            spec = f"{spec},{int(cfg.pretrained_epoch)}"
+        prefix, epoch = parse_prefix_epoch(spec, "--pretrained")
+        plan.pretrained = f"{prefix},{epoch}"
+    if not plan.pretrained and not plan.resume:
+        from recognition.backbones import default_emb_size
+
+        default_emb_size(cfg.network)  # unknown network: one line listing the valid names
+    plan.data_dir = _resolve_data_dir(cfg)
+    plan.num_classes = int(read_property(plan.data_dir)[0])
+    if cfg.get("num_classes") and int(cfg.num_classes) != plan.num_classes:
+        raise ToolkitError(f"--dataset {cfg.dataset}: the configuration says num_classes={cfg.num_classes} but "
+                           f"{os.path.join(plan.data_dir, 'property')} says {plan.num_classes}")
+    plan.targets = _resolve_targets(cfg, plan.data_dir)
+    plan.stages = parse_stages(int(cfg.get("freeze_steps") or 0), cfg.get("stages"))
+    plan.lr_steps = _parse_lr_steps(cfg.lr_steps)
+    if cfg.fc7_init not in ("random", "imprint"):
+        raise ToolkitError(f"--fc7-init {cfg.fc7_init!r}: choose random or imprint")
+    if cfg.ckpt not in (0, 1, 2, 3):
+        raise ToolkitError(f"--ckpt {cfg.ckpt}: choose 0, 1, 2 or 3")
+    if plan.loss_cfg.loss in TRIPLET_LOSSES and cfg.per_batch_size % plan.loss_cfg.images_per_identity:
+        raise ToolkitError(f"--per-batch-size {cfg.per_batch_size}: must be a multiple of images_per_identity "
+                           f"{plan.loss_cfg.images_per_identity} for {plan.loss_cfg.loss}")
+    plan.batch_size = int(cfg.per_batch_size) * len(plan.ctx)
+    totals = [int(cfg.max_steps)] if cfg.get("max_steps") else []
+    if plan.stages[-1].steps is not None:
+        totals.append(sum(s.steps for s in plan.stages))
+    plan.max_total = min(totals) if totals else None
+    if cfg.get("prefix"):
+        plan.prefix = cfg.prefix
+    else:
+        net = cfg.network if (cfg.get("network_explicit") or not plan.pretrained) else \
+            os.path.basename(os.path.dirname(os.path.abspath(plan.pretrained.rpartition(",")[0]))) or "pretrained"
+        ds = os.path.basename(os.path.normpath(str(cfg.dataset))) if cfg.dataset else "data"
+        plan.prefix = os.path.join(cfg.models_root, f"{net}-{cfg.loss}-{ds}", "model")
+    plan.run_dir = os.path.dirname(os.path.abspath(plan.prefix))
+    return plan
+
+
+# ------------------------------------------------------------------------------------------------ the loop
+def lr_at(step: int, base_lr: float, lr_steps: List[int], warmup_steps: int = 0) -> float:
+    """Learning rate of update number ``step`` (0-based): x0.1 after each of ``lr_steps`` updates (insightface),
+    times a linear warm-up ``(step + 1) / warmup_steps`` during the first ``warmup_steps`` updates."""
+    lr = base_lr * (0.1 ** sum(1 for s in lr_steps if step >= s))
+    if warmup_steps and step < warmup_steps:
+        lr *= (step + 1) / float(warmup_steps)
+    return lr
+
+
+def _has_random_ops(symbol) -> bool:
+    ops = {n["op"] for n in json.loads(symbol.tojson())["nodes"]}
+    return any(op == "Dropout" or op.startswith(("_random", "_sample")) for op in ops)
+
+
+class Trainer:
+    """One training run: ``Trainer(cfg, plan).fit() -> dict`` (final results, checkpoint path)."""
+
+    def __init__(self, cfg, plan):
+        self.cfg, self.plan = cfg, plan
+        self.ctx = plan.ctx
+        self.fc7_name = cfg.fc7_name
+        os.makedirs(plan.run_dir, exist_ok=True)
+        setup_logging(log_file=os.path.join(plan.run_dir, "train.log"))
+        self.metrics = MetricsLog(os.path.join(plan.run_dir, "metrics.jsonl"))
+        self.curves = os.path.join(plan.run_dir, "curves.png")
+        self.policy = cb.CheckpointPolicy(int(cfg.ckpt))
+        self.step, self.msave, self.stage_idx = 0, 0, 0
+        self.last_ckpt: Optional[str] = None
+        self.before: Dict[str, float] = {}
+        self.opt_states = None
+        self._seed(int(cfg.seed or 0), 0)
+        self._build_graph()
+        self._build_data()
+        self.verifier = cb.Verifier(plan.targets, self.ctx[0], batch_size=min(64, int(cfg.per_batch_size)),
+                                    image_size=tuple(cfg.image_size))
+        if plan.resume:
+            self._restore(plan.resume)
+        with atomic_write(os.path.join(plan.run_dir, "config.json"), "w") as f:
+            json.dump({k: v for k, v in cfg.items()}, f, indent=1, sort_keys=True, default=str)
+
+    # -- setup ---------------------------------------------------------------------------------------------------
+    @staticmethod
+    def _seed(seed: int, step: int) -> None:
+        np.random.seed(seed)
+        random.seed(seed)
+        mx.random.seed(seed + step)
+
+    def _build_graph(self) -> None:
+        """Embedding graph + starting parameters (resume state, checkpoint, or none), then the training graph."""
+        from recognition.heads import build_train_symbol
+
+        cfg, plan = self.cfg, self.plan
+        self.arg_params, self.aux_params = {}, {}
+        if plan.resume:
+            self.embedding_symbol, self.arg_params, self.aux_params, self.opt_states = \
+                cb.load_resume_arrays(plan.resume)
+        elif plan.pretrained:
+            from recognition.pretrained import load_pretrained
+
+            pre = load_pretrained(plan.pretrained, network=cfg.network if cfg.get("network_explicit") else None,
+                                  emb_size=cfg.get("emb_size"), num_classes=plan.num_classes,
+                                  fc7_name=self.fc7_name, reset_fc7=bool(cfg.reset_fc7),
+                                  allow_missing=bool(cfg.allow_missing), prelu=cfg.get("prelu") or "fast")
+            logger.info("load report:\n%s", pre.report.format())
+            pre.report.save(plan.run_dir)
+            self.embedding_symbol = pre.embedding_symbol
+            self.arg_params = dict(pre.arg_params)
+            self.arg_params.update(pre.fc7)
+            self.aux_params = dict(pre.aux_params)
+        else:
+            from recognition.backbones import get_symbol
+
+            self.embedding_symbol = get_symbol(cfg.network, emb_size=cfg.get("emb_size"),
+                                               prelu=cfg.get("prelu") or "fast")
+        self.train_symbol, self.head_info = build_train_symbol(self.embedding_symbol, plan.num_classes,
+                                                               plan.loss_cfg, self.fc7_name)
+        self._random_graph = _has_random_ops(self.train_symbol)
+        from recognition.freeze import stage_table_for
+
+        net = cfg.network if (cfg.get("network_explicit") or not (plan.pretrained or plan.resume)) else None
+        self.stage_table = stage_table_for(net, self.embedding_symbol.list_arguments())
+
+    def _build_data(self) -> None:
+        from recognition.heads import TRIPLET_LOSSES
+        from recognition.image_iter import FaceImageIter
+
+        cfg, plan = self.cfg, self.plan
+        ipi = plan.loss_cfg.images_per_identity if plan.loss_cfg.loss in TRIPLET_LOSSES else 0
+        self.data = FaceImageIter(os.path.join(plan.data_dir, "train.rec"), plan.batch_size,
+                                  data_shape=(3,) + tuple(cfg.image_size), shuffle=True,
+                                  rand_mirror=bool(cfg.data_rand_mirror), cutoff=int(cfg.data_cutoff or 0),
+                                  color_jitter=float(cfg.data_color or 0),
+                                  images_filter=int(cfg.data_images_filter or 0),
+                                  num_workers=int(cfg.num_workers), seed=int(cfg.seed or 0),
+                                  images_per_identity=ipi)
+
+    def _restore(self, doc: dict) -> None:
+        self.step, self.msave = int(doc["step"]), int(doc["msave"])
+        self.policy.highest = list(doc["highest"])
+        self.policy.saved_best = bool(doc["saved_best"])
+        self.last_ckpt, self.before = doc.get("last_ckpt"), doc.get("before", {})
+        self.data.set_state(doc["iter_state"])
+        self._seed(int(self.cfg.seed or 0), self.step)
+        cb.set_rng_state(doc["rng"])
+        self.metrics.truncate_after(self.step)
+        logger.info("resumed %s at step %d (epoch %d)", doc["dir"], self.step, doc["iter_state"]["epoch"])
+
+    def _make_module(self, stage_idx: int, arg: dict, aux: dict):
+        """Bind a Module for stage ``stage_idx``: its fixed parameters, frozen BatchNorms and multipliers."""
+        from recognition.freeze import freeze_batchnorm, param_multipliers, stage_plan
+
+        cfg = self.cfg
+        stage = self.plan.stages[stage_idx]
+        fixed, frozen_bn = stage_plan(self.train_symbol, stage, self.stage_table, int(cfg.frozen_stages or 0),
+                                      self.fc7_name, cfg.bn_mode)
+        symbol = freeze_batchnorm(self.train_symbol, frozen_bn)
+        mod = mx.mod.Module(symbol, data_names=["data"], label_names=["softmax_label"], context=self.ctx,
+                            fixed_param_names=fixed)
+        mod.bind(data_shapes=self.data.provide_data, label_shapes=self.data.provide_label, for_training=True)
+        wanted = [n for n in symbol.list_arguments() if n not in ("data", "softmax_label")]
+        missing = [n for n in wanted if n not in arg] + \
+            [n for n in symbol.list_auxiliary_states() if n not in aux]
+        if missing and (arg or aux):
+            logger.info("initialised fresh: %s", ", ".join(missing[:12]) + (" ..." if len(missing) > 12 else ""))
+        init = mx.init.Xavier(rnd_type="gaussian", factor_type="out", magnitude=2)
+        mod.init_params(init, arg_params=arg or None, aux_params=aux or None, allow_missing=True, allow_extra=True)
+        # SoftmaxOutput(normalization='valid') already averages per device; the kvstore sums devices
+        opt = mx.optimizer.SGD(learning_rate=cfg.lr, momentum=cfg.mom, wd=cfg.wd, rescale_grad=1.0 / len(self.ctx))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Module warns that rescale_grad differs from 1/batch (intended)
+            mod.init_optimizer(kvstore=cfg.kvstore, optimizer=opt)
+        # graph attributes count once: fc7's own lr/wd attrs are the fc7 flags themselves
+        attrs = {k: v for k, v in self.train_symbol.attr_dict().items() if k not in self.head_info["fc7_params"]}
+        lr_mult, wd_mult = param_multipliers(wanted, self.fc7_name, float(cfg.fc7_lr_mult), float(cfg.fc7_wd_mult),
+                                             float(cfg.backbone_lr_mult), bool(cfg.bn_wd), attr_dict=attrs)
+        opt.set_lr_mult(lr_mult)
+        opt.set_wd_mult(wd_mult)
+        self.trained = set(wanted) - set(fixed)
+        logger.info("stage %s: %d parameters train, %d fixed, %d BatchNorms frozen", stage.name,
+                    len(self.trained), len(fixed), len(frozen_bn))
+        return mod, opt
+
+    def _switch(self, stage_idx: int) -> None:
+        """Rebuild the Module for a new stage, carrying parameters and optimizer states of trained params."""
+        arg, aux = self.module.get_params()
+        states = cb.get_optimizer_states(self.module)
+        before = set(self.trained)
+        self.module, self.opt = self._make_module(stage_idx, arg, aux)
+        if states:
+            cb.set_optimizer_states(self.module, states, names=before & self.trained)
+        self.stage_idx = stage_idx
+
+    def _init_fc7(self) -> None:
+        """``--fc7-init imprint``: fc7 rows = normalised class means of the starting backbone's embeddings."""
+        weight = f"{self.fc7_name}_weight"
+        if self.cfg.fc7_init != "imprint" or weight in self.arg_params or weight not in self.head_info["fc7_params"]:
+            return
+        from recognition.image_iter import FaceImageIter
+        from recognition.pretrained import imprint_fc7
+        from recognition.verification import Embedder
+
+        arg, aux = self.module.get_params()
+        embed = Embedder(self.embedding_symbol, arg, aux, ctx=self.ctx[0], batch_size=self.cfg.per_batch_size,
+                         data_shape=(3,) + tuple(self.cfg.image_size))
+        it = FaceImageIter(os.path.join(self.plan.data_dir, "train.rec"), min(self.cfg.per_batch_size, 64),
+                           data_shape=(3,) + tuple(self.cfg.image_size), shuffle=False, rand_mirror=False,
+                           num_workers=int(self.cfg.num_workers), seed=0)
+        w = imprint_fc7(embed, it, self.plan.num_classes)
+        it.close()
+        arg = dict(arg)
+        arg[weight] = mx.nd.array(w)
+        self.module.set_params(arg, aux, allow_missing=False, allow_extra=False)
+        logger.info("fc7 imprinted from %d class means (%s)", w.shape[0], "x".join(map(str, w.shape)))
+
+    # -- steps ---------------------------------------------------------------------------------------------------
+    def _batch_metrics(self, batch):
+        """``(loss, acc or None, extra)`` of the forward pass just run (merged over devices)."""
+        outs = self.module.get_outputs(merge_multi_context=True)
+        if self.head_info["metric"] == "acc":
+            prob = outs[0].asnumpy()
+            label = batch.label[0].asnumpy().astype(np.int64)
+            p = prob[np.arange(len(label)), label]
+            loss = float(np.mean(-np.log(np.maximum(p, 1e-30))))
+            acc = float(np.mean(prob.argmax(axis=1) == label))
+            extra = {name: float(o.asnumpy().mean()) for name, o in zip(self.head_info["outputs"][2:], outs[2:])}
+            return loss + sum(extra.values()), acc, extra
+        return float(outs[0].asnumpy().mean()), None, {}
+
+    def _verify(self, arg, aux) -> Dict[str, dict]:
+        results = self.verifier(self.embedding_symbol, arg, aux)
+        for name, r in results.items():
+            logger.info("[%s][%d]XNorm: %f", name, self.step, r["xnorm"])
+            logger.info("[%s][%d]Accuracy-Flip: %1.5f+-%1.5f", name, self.step, r["acc"], r["std"])
+            self.metrics.write("verify", step=self.step, target=name, acc=float(r["acc"]), std=float(r["std"]),
+                               xnorm=float(r["xnorm"]))
+        return results
+
+    def _meta(self) -> dict:
+        return dict(fc7_name=self.fc7_name, num_classes=self.plan.num_classes, loss=self.cfg.loss,
+                    network=self.cfg.network, emb_size=int(self.embedding_symbol.infer_shape(
+                        data=(1, 3) + tuple(self.cfg.image_size))[1][0][1]))
+
+    def _save(self, epoch: int) -> str:
+        path = cb.save_model(self.plan.prefix, epoch, self.module, self.train_symbol, self.embedding_symbol,
+                             slim=bool(int(self.cfg.ckpt_embedding)), meta=self._meta())
+        self.last_ckpt = path
+        self.metrics.write("checkpoint", step=self.step, epoch=epoch, path=path)
+        logger.info("saved %s", path)
+        return path
+
+    def _round(self, final: bool = False) -> Dict[str, dict]:
+        """Verification round ``msave``: verify, checkpoint by policy (always when ``final``), resume state, PNG."""
+        self.msave += 1
+        arg, aux = self.module.get_params()
+        results = self._verify(arg, aux)
+        epoch = self.policy.decide([float(r["acc"]) for r in results.values()], self.msave)
+        if epoch is None and final:
+            epoch = self.policy.final_epoch(self.msave)
+        if epoch is not None:
+            self._save(epoch)
+        if results:
+            logger.info("[%d]Accuracy-Highest: %1.5f", self.step, self.policy.highest[1])
+        self._save_resume()
+        plot_curves(self.metrics.path, self.curves)
+        self._last_round = (self.step, epoch is not None)
+        return results
+
+    def _save_resume(self) -> None:
+        state = dict(msave=self.msave, highest=self.policy.highest, saved_best=self.policy.saved_best,
+                     stage_index=self.stage_idx, iter_state=self.data.get_state(), last_ckpt=self.last_ckpt,
+                     before=self.before, config={k: v for k, v in self.cfg.items() if k != "resume"})
+        cb.save_resume(self.plan.run_dir, self.step, self.module, self.embedding_symbol, state)
+
+    def _diverged(self, loss: float, lr: float) -> None:
+        stage = self.plan.stages[self.stage_idx].name
+        self.metrics.write("diverged", step=self.step + 1, loss=loss, lr=lr, stage=stage)
+        self.metrics.close()
+        raise ToolkitError(f"training diverged: loss is {loss} at step {self.step + 1} (stage {stage}, lr {lr:g}); "
+                           f"stopped before that update; last good checkpoint: {self.last_ckpt or 'none saved yet'}"
+                           f"; lower --lr or add --warmup-steps")
+
+    def fit(self) -> dict:
+        """Train to ``max_total`` steps or ``--end-epoch``; returns ``{step, final, before, checkpoint}``."""
+        from recognition.freeze import stage_at
+
+        cfg, plan = self.cfg, self.plan
+        self.stage_idx = stage_at(plan.stages, self.step)[0]
+        self.module, self.opt = self._make_module(self.stage_idx, self.arg_params, self.aux_params)
+        if self.opt_states:
+            cb.set_optimizer_states(self.module, self.opt_states, names=self.trained)
+        self._last_round = (-1, False)
+        if not plan.resume:
+            self._init_fc7()
+            if cfg.eval_pretrained and self.verifier:
+                self.before = {k: float(r["acc"]) for k, r in self._verify(*self.module.get_params()).items()}
+        window = Window(plan.batch_size)
+        end_epoch = int(cfg.end_epoch)
+        logger.info("training %s: batch %d on %d device(s), %s", plan.prefix, plan.batch_size, len(self.ctx),
+                    ", ".join(f"{s.name}:{s.steps or 'end'}" for s in plan.stages))
+        t0 = time.time()
+        while plan.max_total is None or self.step < plan.max_total:
+            idx = stage_at(plan.stages, self.step)[0]
+            if idx != self.stage_idx:
+                self._switch(idx)
+            try:
+                batch = self.data.next()
+            except StopIteration:
+                if self.data.get_state()["epoch"] + 1 >= end_epoch:
+                    break
+                self.data.reset()
+                continue
+            lr = lr_at(self.step, float(cfg.lr), plan.lr_steps, int(cfg.warmup_steps or 0))
+            self.opt.lr = lr
+            if self._random_graph:
+                mx.random.seed(int(cfg.seed or 0) * 1000003 + self.step)
+            self.module.forward_backward(batch)
+            loss, acc, extra = self._batch_metrics(batch)
+            if not math.isfinite(loss):
+                self._diverged(loss, lr)
+            self.module.update()
+            self.step += 1
+            state = self.data.get_state()
+            stage = plan.stages[self.stage_idx].name
+            self.metrics.write("train", step=self.step, epoch=state["epoch"], stage=stage, lr=lr, loss=loss,
+                               acc=acc, time=round(time.time() - t0, 3), **extra)
+            window.add(loss, acc)
+            if self.step % int(cfg.frequent) == 0:
+                logger.info(window.report(state["epoch"], state["cursor"], lr, stage, acc is not None))
+            if self.step % int(cfg.verbose) == 0:
+                self._round()
+        if self._last_round[0] != self.step:
+            results = self._round(final=True)
+        else:
+            results = self._last_results() if self.verifier else {}
+            if not self._last_round[1]:
+                self._save(self.policy.final_epoch(self.msave))
+                self._save_resume()
+        self.data.close()
+        self.metrics.close()
+        final = {k: float(r["acc"]) if isinstance(r, dict) else float(r) for k, r in results.items()}
+        if self.before:
+            logger.info("verification before/after:\n%s", format_table(self.before, final))
+        return dict(step=self.step, final=final, before=self.before, checkpoint=self.last_ckpt,
+                    prefix=plan.prefix, run_dir=plan.run_dir, seconds=time.time() - t0)
+
+    def _last_results(self) -> Dict[str, float]:
+        from recognition.metrics_log import read_metrics
+
+        return {r["target"]: r["acc"] for r in read_metrics(self.metrics.path, "verify") if r["step"] == self.step}
+
+
+def format_table(before: Dict[str, float], after: Dict[str, float]) -> str:
+    """Two-column verification table (``before``/``after`` accuracy per target)."""
+    lines = [f"{'target':<16}{'before':>10}{'after':>10}{'change':>10}"]
+    for name in sorted(set(before) | set(after)):
+        b, a = before.get(name), after.get(name)
+        ch = f"{a - b:+.5f}" if a is not None and b is not None else "-"
+        lines.append(f"{name:<16}{(f'{b:.5f}' if b is not None else '-'):>10}"
+                     f"{(f'{a:.5f}' if a is not None else '-'):>10}{ch:>10}")
+    return "\n".join(lines)
+
+
+def run_training(cfg) -> dict:
+    """Prepare (fail fast), train, and return :meth:`Trainer.fit`'s summary."""
+    plan = prepare_run(cfg)
+    return Trainer(cfg, plan).fit()
+
+
+__all__ = ["prepare_run", "lr_at", "Trainer", "format_table", "run_training"]
