@@ -71,13 +71,11 @@ def render_face(p: Dict[str, np.ndarray], rng: np.random.Generator, domain: str 
         return max(1, int(round(v * s)))
 
     def C(rgb):
-        return tuple(float(v) for v in np.clip(rgb[::-1], 0, 255))
+        return tuple(min(255.0, max(0.0, float(v))) for v in rgb[::-1])
 
-    bg = rng.uniform(40, 220, 3)
-    img = np.empty((size, size, 3), np.uint8)
-    img[:] = np.clip(bg, 0, 255).astype(np.uint8)[None, None]
-    grad = np.linspace(-1, 1, size, dtype=np.float32)[:, None, None] * rng.uniform(-40, 40, 3)
-    img = np.clip(img + grad, 0, 255).astype(np.uint8)
+    bg = rng.uniform(40, 220, 3).astype(np.float32)
+    grad = np.linspace(-1, 1, size, dtype=np.float32)[:, None, None] * rng.uniform(-40, 40, 3).astype(np.float32)
+    img = np.ascontiguousarray(np.broadcast_to(np.clip(bg + grad, 0, 255).astype(np.uint8), (size, size, 3)))
     aa = cv2.LINE_AA
     fw, fh = p["face"] * rng.uniform(0.97, 1.03, 2)
     hair, skin = C(p["hair"]), C(p["skin"])
@@ -137,7 +135,7 @@ def render_face(p: Dict[str, np.ndarray], rng: np.random.Generator, domain: str 
     f *= gain[None, None, :].astype(np.float32)
     if rng.uniform() < 0.5:
         f = cv2.GaussianBlur(f, (0, 0), rng.uniform(0.3, 1.3) * s)
-    f += rng.normal(0, rng.uniform(0, 7), f.shape).astype(np.float32)
+    f += rng.standard_normal(f.shape, dtype=np.float32) * np.float32(rng.uniform(0, 7))
     if rng.uniform() < 0.3:  # partial occlusion (hand, scarf, sticker)
         ow, oh = rng.uniform(0.15, 0.45, 2) * size
         ox, oy = rng.uniform(0, size - ow), rng.uniform(0, size - oh)
