@@ -1,27 +1,44 @@
 """A PReLU that trains fast on CPU while keeping insightface's parameter (``NAME_gamma``, shape (C,)).
 
-MXNet's ``LeakyReLU(act_type='prelu')`` computes the slope gradient with a generic broadcast reduction that
-runs single-threaded and dominates a MobileFaceNet training step on CPU (issue 8: y1 trains at ~5.4 samples/s
-with it, ~41.8 with ReLU). The same function is written here as
+Why (issue 8): MXNet's ``LeakyReLU(act_type='prelu')`` and ``broadcast_mul`` by a (1, C, 1, 1) slope run their
+backward pass through the generic broadcast-reduce kernel, which is slow on CPU for *both* gradients (data and
+slope) and dominates a MobileFaceNet step (y1: ~5.4 samples/s with it, ~41.8 with ReLU, 2-core CPU).
 
-    y = relu(x) - gamma * relu(-x)
+How: only same-shape element-wise operators and one matrix product, with the identity
 
-with the per-channel product done by a depthwise 1x1 convolution whose weight is ``reshape(gamma)``.
+    prelu(x) = max(x, 0) + gamma * min(x, 0) = x + (gamma - 1) * min(x, 0)
+
+The per-channel factor ``gamma - 1`` is spread to the full (N, C, H, W) shape by two outer products
+``ones(N,1) . (gamma-1)(1,C)`` -> (N*C, 1), then ``(N*C,1) . ones(H*W,1)^T`` -> (N*C, H*W). The slope gradient then
+comes back through the transposed products (a BLAS GEMV), not a broadcast reduction. Measured with
+``benchmarks/bench_train.py``; micro-benchmark figures per layer are in that file's docstring.
 """
 from __future__ import annotations
 
 import mxnet as mx
 
 
-def fast_prelu(data: mx.sym.Symbol, name: str, num_channels: int) -> mx.sym.Symbol:
-    """``max(x, 0) + gamma * min(x, 0)`` per channel, slope variable ``NAME_gamma`` (C,), init 0.25.
+def broadcast_channels(vec: mx.sym.Symbol, like: mx.sym.Symbol, num_channels: int) -> mx.sym.Symbol:
+    """Spread a per-channel vector (C,) to the shape of ``like`` (N, C, ...) via two outer products.
 
-    Inputs: ``data`` (N, C, H, W) or (N, C). Outputs: same shape.
+    Inputs: ``vec`` (C,), ``like`` (N, C, H, W) or (N, C). Outputs: (N, C, H, W) resp. (N, C), equal to
+    ``vec[c]`` at channel ``c``. Its gradient to ``vec`` is a GEMV, fast on CPU (unlike ``broadcast_*``).
+    """
+    flat = mx.sym.reshape(like, shape=(0, -1))                                       # (N, C*H*W)
+    ones_n = mx.sym.ones_like(mx.sym.slice_axis(flat, axis=1, begin=0, end=1))        # (N, 1)
+    first = mx.sym.slice_axis(mx.sym.slice_axis(like, axis=0, begin=0, end=1), axis=1, begin=0, end=1)
+    ones_hw = mx.sym.ones_like(mx.sym.reshape(first, shape=(-1, 1)))                 # (H*W, 1)
+    per_row = mx.sym.dot(ones_n, mx.sym.reshape(vec, shape=(1, num_channels)))      # (N, C)
+    full = mx.sym.dot(mx.sym.reshape(per_row, shape=(-1, 1)), ones_hw, transpose_b=True)  # (N*C, H*W)
+    return mx.sym.reshape_like(full, like)
+
+
+def fast_prelu(data: mx.sym.Symbol, name: str, num_channels: int) -> mx.sym.Symbol:
+    """``max(x, 0) + gamma * min(x, 0)`` per channel; slope variable ``NAME_gamma`` (C,), init 0.25 like MXNet's.
+
+    Inputs: ``data`` (N, C, H, W) or (N, C). Outputs: same shape; the last node is named ``NAME``.
     """
     gamma = mx.sym.var(name + "_gamma", shape=(num_channels,), init=mx.init.Constant(0.25))
-    pos = mx.sym.relu(data)
-    neg = mx.sym.relu(-data)
-    weight = mx.sym.reshape(gamma, shape=(num_channels, 1, 1, 1))
-    scaled = mx.sym.Convolution(data=neg, weight=weight, num_filter=num_channels, num_group=num_channels,
-                                kernel=(1, 1), no_bias=True, name=name + "_scale")
-    return mx.sym.elemwise_sub(pos, scaled, name=name)
+    slope_minus_one = broadcast_channels(gamma - 1.0, data, num_channels)
+    negative = mx.sym.minimum(data, 0.0)
+    return mx.sym.elemwise_add(data, negative * slope_minus_one, name=name)
