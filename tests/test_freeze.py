@@ -11,9 +11,9 @@ from recognition.freeze import (Stage, freeze_batchnorm, param_multipliers, pars
 
 SHAPE = (4, 3, 16, 16)
 FRESNET_NAMES = ["data", "conv0_weight", "bn0_gamma", "bn0_beta", "relu0_gamma", "stage1_unit1_conv1_weight",
-                 "stage1_unit1_bn1_gamma", "stage1_unit1_bn1_beta", "stage2_unit1_conv1_weight", "stage2_unit1_bn1_gamma",
-                 "stage2_unit1_bn1_beta", "bn1_gamma", "bn1_beta", "pre_fc1_weight", "pre_fc1_bias", "fc1_gamma",
-                 "fc1_beta", "fc7_weight", "softmax_label"]
+                 "stage1_unit1_bn1_gamma", "stage1_unit1_bn1_beta", "stage2_unit1_conv1_weight",
+                 "stage2_unit1_bn1_gamma", "stage2_unit1_bn1_beta", "bn1_gamma", "bn1_beta", "pre_fc1_weight",
+                 "pre_fc1_bias", "fc1_gamma", "fc1_beta", "fc7_weight", "softmax_label"]
 
 
 def train_symbol(num_classes=5):
