@@ -48,6 +48,8 @@ def _convert(symbol, params: dict, in_shape: tuple, opset: int, dynamic: bool):
     from onnx import TensorProto, helper
 
     dyn_shapes = [(None,) + tuple(in_shape[1:])] if dynamic else None
+    quiet = _DropDotWarning()
+    logging.getLogger().addFilter(quiet)
     try:
         graph = MXNetGraph().create_onnx_graph_proto(symbol, params, [in_shape], [TensorProto.FLOAT],
                                                      verbose=False, opset_version=opset, dynamic=dynamic,
@@ -62,8 +64,17 @@ def _convert(symbol, params: dict, in_shape: tuple, opset: int, dynamic: bool):
     except (NotImplementedError, ValueError, KeyError) as exc:
         first = (str(exc).splitlines() or [type(exc).__name__])[0]
         raise ToolkitError(f"the ONNX exporter cannot convert this graph: {first}") from None
+    finally:
+        logging.getLogger().removeFilter(quiet)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)],
                              producer_name="insightface-finetune")
+
+
+class _DropDotWarning(logging.Filter):
+    """The converter warns once per ``dot`` node about >2-D inputs; the embedding check covers that case."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Converting dot operator" not in record.getMessage()
 
 
 def _mx_version() -> str:
@@ -160,7 +171,7 @@ def export_onnx(prefix: str, epoch: int, output: str, dynamic_batch: bool = Fals
         f.write(blob)
     return {"output": output, "opset": opset, "input_shape": ["N" if dynamic_batch else batch_size, 3, h, w],
             "dynamic_batch": bool(dynamic_batch), "input_name": in_name, "output_name": out_name,
-            "embedding_size": int(checks[0] and embed.embedding_size), "fixes": fixes, "checks": checks,
+            "embedding_size": embed.embedding_size, "fixes": fixes, "checks": checks,
             "bytes": len(blob)}
 
 
