@@ -246,7 +246,8 @@ def _find_classifier(ckpt_sym, ckpt_arg: dict, meta: dict, fc7_name: str, ckpt_e
     """(weight name, bias name or None, other head params) of the checkpoint's classifier."""
     head: List[str] = []
     if ckpt_sym is not None:
-        head = [n for n in ckpt_sym.list_arguments() if n not in backbone_names and not _is_input(n)]
+        head = [n for n in ckpt_sym.list_arguments() + ckpt_sym.list_auxiliary_states()
+                if n not in backbone_names and not _is_input(n)]
 
     def two_d(name):
         v = ckpt_arg.get(name)
@@ -380,12 +381,16 @@ def load_pretrained(spec: str, network: Optional[str] = None, emb_size: Optional
             for cand in [n] + _alias_candidates(n):
                 if cand in ckpt_arg and len(ckpt_arg[cand].shape) == 2:
                     ckpt_emb = int(ckpt_arg[cand].shape[0])
-        if network is not None and emb_size is None and ckpt_emb not in (None, out_emb):  # follow the checkpoint's width
+        # no --emb-size: follow the checkpoint's width
+        if network is not None and emb_size is None and ckpt_emb not in (None, out_emb):
             symbol = get_symbol(network, emb_size=ckpt_emb, prelu=prelu)
             t_arg, t_aux, out_emb = infer_param_shapes(symbol, data_shape, f"--network {network}")
             t_arg = {k: v for k, v in t_arg.items() if not _is_input(k)}
         emb_change = emb_size is not None and ckpt_emb is not None and int(emb_size) != ckpt_emb
 
+    if ckpt_cut is None:  # no graph: whatever the new backbone can take by name is not the classifier
+        backbone_names = {c for n in list(t_arg) + list(t_aux) for c in [n] + _alias_candidates(n)
+                          if c in ckpt_arg or c in ckpt_aux}
     cls_w, cls_b, head_others = _find_classifier(ckpt_sym, ckpt_arg, meta, fc7_name, ckpt_emb, backbone_names)
     claimed = {n for n in (cls_w, cls_b) if n}
 
@@ -473,8 +478,8 @@ def load_pretrained(spec: str, network: Optional[str] = None, emb_size: Optional
                 fc7[f"{fc7_name}_{kind}"] = ckpt_arg[src]
                 report.loaded.append((f"{fc7_name}_{kind}", tuple(ckpt_arg[src].shape), src))
     for name in head_others:
-        if name not in claimed and name in ckpt_arg:
-            report.dropped.append((name, "training-head parameter, not part of the backbone"))
+        if name not in claimed and (name in ckpt_arg or name in ckpt_aux):
+            report.dropped.append((name, "training-head array (loss/classifier side), not part of the backbone"))
             claimed.add(name)
     for sources in (ckpt_arg, ckpt_aux):
         for name, value in sources.items():

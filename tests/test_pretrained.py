@@ -302,3 +302,23 @@ def test_imprint_fc7_matches_numpy(caplog):
     assert abs(np.linalg.norm(w[4]) - 1) < 1e-5 and "1 of 5 classes have no images" in caplog.text
     with pytest.raises(ToolkitError, match=r"label 3 outside 0..2"):
         imprint_fc7(embed_fn, iter(batches), num_classes=3)
+
+
+def test_checkpoint_of_the_project_heads(tmp_path):
+    """A training graph from recognition.heads (ArcFace via normalised fc7 + centre loss), fc7 renamed before."""
+    from recognition.backbones import get_symbol
+    from recognition.heads import build_train_symbol, make_loss_config
+
+    full, info = build_train_symbol(get_symbol("tiny", emb_size=8), 5,
+                                    make_loss_config("arcface", center_loss_weight=0.01), fc7_name="fc7_prev")
+    arg, aux = random_params(full, seed=2)
+    prefix = str(tmp_path / "heads")
+    save_checkpoint(prefix, 0, full, arg, aux)
+    for network in (None, "tiny"):
+        p = load_pretrained(prefix + ",0", network=network, num_classes=5, data_shape=SHAPE)
+        np.testing.assert_array_equal(p.fc7["fc7_weight"].asnumpy(), arg["fc7_prev_weight"].asnumpy())
+        assert [n for n, _ in p.report.dropped] == info["aux_params"] and not p.report.unused
+    os.remove(prefix + "-symbol.json")  # no graph: the sidecar names the classifier
+    write_meta(prefix, fc7_name="fc7_prev", num_classes=5, emb_size=8, network="tiny")
+    p = load_pretrained(prefix + ",0", network="tiny", num_classes=5, data_shape=SHAPE)
+    assert ("fc7_weight", (5, 8), "fc7_prev_weight") in p.report.renamed
