@@ -1,0 +1,199 @@
+"""Face registry service: real HTTP on 127.0.0.1 (urllib) against a tiny random-init checkpoint and synthetic faces."""
+import base64
+import json
+import threading
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from datasets.synth import render_identity
+from deploy.face_model import FaceModel, decode_image
+from deploy.server import make_server
+from recognition.common import ToolkitError, save_checkpoint
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    """FaceModel over a seeded random-init ``tiny`` checkpoint (no ../shared needed)."""
+    import mxnet as mx
+
+    from recognition.backbones import get_symbol
+
+    sym = get_symbol("tiny")
+    rng = np.random.RandomState(0)
+    arg_shapes, _, aux_shapes = sym.infer_shape(data=(1, 3, 112, 112))
+    arg = {n: mx.nd.array(rng.normal(0, 0.05, s) if not n.endswith("_gamma") else rng.uniform(0.5, 1.0, s))
+           for n, s in zip(sym.list_arguments(), arg_shapes) if n != "data"}
+    aux = {n: mx.nd.array(np.zeros(s) if n.endswith("mean") else np.ones(s))
+           for n, s in zip(sym.list_auxiliary_states(), aux_shapes)}
+    prefix = str(tmp_path_factory.mktemp("srv_model") / "tiny")
+    save_checkpoint(prefix, 0, sym, arg, aux)
+    return FaceModel(prefix + ",0", batch_size=4)
+
+
+@pytest.fixture(scope="module")
+def faces():
+    """JPEG bytes: 3 identities x 3 images."""
+    return {f"p{i}": render_identity(0, "A", 1, i, 3) for i in range(3)}
+
+
+class Running:
+    """A server on an ephemeral port served from a thread; ``call(method, path, body)`` -> (status, json)."""
+
+    def __init__(self, model, db, threshold=0.3, **kw):
+        self.server = make_server(model, db, "127.0.0.1", 0, threshold, **kw)
+        self.url = "http://127.0.0.1:%d" % self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def call(self, method, path, body=None, raw=None):
+        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+        req = urllib.request.Request(self.url + path, data=data, method=method,
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=60) as resp:
+                return resp.status, json.loads(resp.read())
+        except urllib.error.HTTPError as err:
+            return err.code, json.loads(err.read())
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(5)
+
+
+@pytest.fixture
+def running(model, tmp_path):
+    srv = Running(model, str(tmp_path / "gallery.sqlite"))
+    yield srv
+    srv.stop()
+
+
+def b64(jpeg: bytes) -> str:
+    return base64.b64encode(jpeg).decode()
+
+
+def feature(model, jpeg):
+    return model.get_feature(decode_image(jpeg))
+
+
+def test_register_detect_delete_list(running, model, faces):
+    st, out = running.call("POST", "/registerFace", {"name": "alice", "images": [b64(j) for j in faces["p0"][:2]]})
+    assert (st, out) == (200, {"name": "alice", "added": 2, "count": 2})
+    st, out = running.call("POST", "/registerFace", {"name": "bob", "image": b64(faces["p1"][0])})
+    assert st == 200 and out["count"] == 1
+    assert running.call("GET", "/faces") == (200, {"faces": [{"name": "alice", "count": 2},
+                                                             {"name": "bob", "count": 1}], "total": 3})
+
+    # detect: the score is the best cosine over stored embeddings, computed here with numpy
+    gallery = {"alice": [feature(model, j) for j in faces["p0"][:2]], "bob": [feature(model, faces["p1"][0])]}
+    for probe in (faces["p0"][2], faces["p1"][0], faces["p2"][0]):
+        q = feature(model, probe)
+        scores = {n: max(float(np.dot(q, e)) for e in embs) for n, embs in gallery.items()}
+        best = max(scores, key=scores.get)
+        st, out = running.call("POST", "/detectFace", {"image": b64(probe)})
+        assert st == 200 and out["candidate"] == best
+        assert out["score"] == pytest.approx(scores[best], abs=1e-5)
+        assert out["name"] == (best if scores[best] >= 0.3 else "unknown")
+    st, out = running.call("POST", "/detectFace", {"image": b64(faces["p1"][0])})
+    assert out["name"] == "bob" and out["score"] == pytest.approx(1.0, abs=1e-5)  # the very image registered
+
+    assert running.call("POST", "/deleteFace", {"name": "alice"}) == (200, {"name": "alice", "deleted": 2})
+    assert running.call("GET", "/faces")[1]["faces"] == [{"name": "bob", "count": 1}]
+    st, out = running.call("GET", "/health")
+    assert st == 200 and out["status"] == "ok" and out["embeddings"] == 1
+    assert out["embedding_size"] == model.embedding_size
+
+
+def test_threshold_unknown(model, faces, tmp_path):
+    srv = Running(model, str(tmp_path / "g.sqlite"), threshold=0.9999)
+    try:
+        assert srv.call("POST", "/detectFace", {"image": b64(faces["p0"][0])})[1] == \
+            {"name": "unknown", "score": None, "candidate": None, "threshold": 0.9999}
+        srv.call("POST", "/registerFace", {"name": "alice", "images": [b64(faces["p0"][0])]})
+        q, e = feature(model, faces["p2"][1]), feature(model, faces["p0"][0])
+        st, out = srv.call("POST", "/detectFace", {"image": b64(faces["p2"][1])})
+        assert float(np.dot(q, e)) < 0.9999  # premise: a different person's image is not identical
+        assert st == 200 and out["name"] == "unknown" and out["candidate"] == "alice"
+    finally:
+        srv.stop()
+
+
+def test_bad_requests(running, faces):
+    # not decodable
+    st, out = running.call("POST", "/registerFace", {"name": "x", "images": [b64(b"not an image at all")]})
+    assert st == 400 and "images[0]" in out["error"] and "decode" in out["error"]
+    st, out = running.call("POST", "/detectFace", {"image": "%%%not base64"})
+    assert st == 400 and "base64" in out["error"]
+    # wrong size without --resize: nothing stored, even for the good image before it
+    import cv2
+
+    small = cv2.imencode(".png", np.zeros((50, 40, 3), np.uint8))[1].tobytes()
+    st, out = running.call("POST", "/registerFace", {"name": "x", "images": [b64(faces["p0"][0]), b64(small)]})
+    assert st == 400 and "images[1]" in out["error"] and "40x50" in out["error"]
+    assert running.call("GET", "/faces")[1]["total"] == 0
+    # unknown name, bad JSON, missing fields, unknown endpoint, wrong method
+    st, out = running.call("POST", "/deleteFace", {"name": "nobody"})
+    assert st == 404 and "nobody" in out["error"]
+    assert running.call("POST", "/detectFace", raw=b"{bad json")[0] == 400
+    assert running.call("POST", "/registerFace", {"images": [b64(faces["p0"][0])]})[0] == 400
+    assert running.call("POST", "/registerFace", {"name": "x", "images": []})[0] == 400
+    assert running.call("GET", "/nope")[0] == 404
+    assert running.call("GET", "/registerFace")[0] == 405
+
+
+def test_oversized_body_refused(model, faces, tmp_path):
+    srv = Running(model, str(tmp_path / "g.sqlite"), max_body=1000)
+    try:
+        st, out = srv.call("POST", "/registerFace", {"name": "big", "images": [b64(faces["p0"][0])]})
+        assert st == 413 and "1000" in out["error"]
+        assert srv.call("GET", "/health")[0] == 200  # still serving
+    finally:
+        srv.stop()
+
+
+def test_concurrent_requests_and_restart_keeps_gallery(model, faces, tmp_path):
+    db = str(tmp_path / "g.sqlite")
+    srv = Running(model, db)
+    jobs = [(name, j) for name, imgs in faces.items() for j in imgs]  # 9 registrations, 3 names
+
+    def work(job):
+        name, jpeg = job
+        st, _ = srv.call("POST", "/registerFace", {"name": name, "images": [b64(jpeg)]})
+        st2, out = srv.call("POST", "/detectFace", {"image": b64(jpeg)})
+        return st, st2, out
+
+    try:
+        with ThreadPoolExecutor(6) as pool:
+            results = list(pool.map(work, jobs))
+        assert all(st == 200 and st2 == 200 for st, st2, _ in results)
+        # the image itself was registered before its own detection: it scores 1 against its name or a twin
+        assert all(out["score"] == pytest.approx(1.0, abs=1e-5) for _, _, out in results)
+        listing = srv.call("GET", "/faces")[1]
+        assert listing == {"faces": [{"name": n, "count": 3} for n in sorted(faces)], "total": 9}
+    finally:
+        srv.stop()
+    srv = Running(model, db)  # restart on the same file
+    try:
+        assert srv.call("GET", "/faces")[1] == listing
+        st, out = srv.call("POST", "/detectFace", {"image": b64(faces["p1"][2])})
+        assert out["name"] == "p1" and out["score"] == pytest.approx(1.0, abs=1e-5)
+    finally:
+        srv.stop()
+
+
+def test_db_of_another_model_refused(model, tmp_path):
+    from deploy.server import FaceGallery
+
+    db = str(tmp_path / "g.sqlite")
+    g = FaceGallery(db)
+    g.add("x", np.ones((1, model.embedding_size + 1), np.float32))
+    g.close()
+    with pytest.raises(ToolkitError, match="--db .*%d-d embeddings but the model gives %d-d"
+                       % (model.embedding_size + 1, model.embedding_size)):
+        make_server(model, db, "127.0.0.1", 0)
+    with pytest.raises(ToolkitError, match="--threshold"):
+        make_server(model, str(tmp_path / "h.sqlite"), "127.0.0.1", 0, threshold=3)
