@@ -230,6 +230,10 @@ def advise(pretrained: str, data: str, ctx=None, network: Optional[str] = None, 
     """
     prefix, epoch = parse_prefix_epoch(pretrained, "--pretrained")
     symbol, arg_params, aux_params = load_checkpoint(prefix, epoch)
+    if network is None:  # a toolkit-trained checkpoint names its network in PREFIX-meta.json
+        from recognition.pretrained import read_meta
+
+        network = read_meta(prefix).get("network") or None
     fx = FeatureExtractor(symbol, arg_params, aux_params, EMBED_NODE, ctx, batch_size)
     images = LabelledImages(data)
     try:
