@@ -190,12 +190,14 @@ def per_batch_size(num_images: int, requested: int = 64, num_devices: int = 1) -
 
 def suggest(decision: Dict, stats: Dict, pretrained: str, data: str, network: Optional[str] = None,
             frozen_stages: int = 0, layer: Optional[str] = None, targets: Sequence[str] = (),
-            batch: int = 64, num_devices: int = 1, loss: str = "arcface") -> Dict:
+            batch: int = 64, num_devices: int = 1, loss: str = "arcface", emb_size: Optional[int] = None) -> Dict:
     """``{command: argv list, alternative: argv list or None}`` for the decided scenario.
 
     Step counts are in batches: one epoch = images / (per-batch-size x devices). 2: head 1 epoch + all 3 at lr
     0.01 with the backbone at 0.1x; 3: head 2 epochs + the unfrozen last stage(s) 5 epochs at lr 0.01;
     4: head 1 epoch + all 20 epochs at lr 0.1. Heads start imprinted (class-mean embeddings), so 'head' is short.
+    ``emb_size`` (the checkpoint's) is passed as ``--emb-size``: without it train.py would use its configured
+    width and re-create the pretrained embedding layer when they differ.
     """
     scenario = decision["scenario"]
     probe = ["python", "recognition/linear_probe.py", "train", "--model", pretrained, "--data", data]
@@ -205,7 +207,8 @@ def suggest(decision: Dict, stats: Dict, pretrained: str, data: str, network: Op
     epoch = max(1, stats["num_images"] // (b * num_devices))
     head, rest, lr = {2: (1, 3, 0.01), 3: (2, 5, 0.01), 4: (1, 20, 0.1)}[scenario]
     head, rest = max(20, head * epoch), max(100, rest * epoch)
-    cmd = ["python", "recognition/train.py"] + (["--network", network] if network else []) + [
+    cmd = ["python", "recognition/train.py"] + (["--network", network] if network else []) + (
+        ["--emb-size", str(emb_size)] if emb_size else []) + [
         "--loss", loss, "--data-dir", data, "--pretrained", pretrained, "--fc7-init", "imprint",
         "--stages", f"head:{head},all:{rest}", "--max-steps", str(head + rest), "--lr", f"{lr:g}",
         "--per-batch-size", str(b), "--ckpt-embedding", "1"]
@@ -249,7 +252,7 @@ def advise(pretrained: str, data: str, ctx=None, network: Optional[str] = None, 
     targets = sorted(os.path.splitext(f)[0] for f in os.listdir(folder) if f.endswith(".bin")) \
         if os.path.isdir(folder) and images.kind == "rec" else []
     cmds = suggest(decision, stats, pretrained, data, network, max(0, emb_idx - 1), earlier_layer(symbol, table),
-                   targets, per_device_batch, num_devices)
+                   targets, per_device_batch, num_devices, emb_size=fx.dim)
     out = {"pretrained": pretrained, "data": data, "stats": stats, "thresholds": asdict(thresholds),
            "decision": decision, **cmds}
     out["command_str"] = shlex.join(cmds["command"])

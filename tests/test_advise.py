@@ -150,6 +150,7 @@ def test_advise_small_data_and_command_parses(tiny_ckpt, small_data):
         stages = parse_stages(0, args.stages)
         assert [st.name for st in stages] == ["head", "all"] and sum(st.steps for st in stages) == args.max_steps
         assert args.target == "synth_val" and args.per_batch_size == 8
+        assert args.emb_size == 128  # the checkpoint's width: train.py must not re-create the embedding layer
         assert args.lr == (0.1 if expected == 4 else 0.01)
         assert args.frozen_stages == (4 if expected == 3 else None)  # tiny: stem, stage1-4 -> train stage4 + head
         assert args.backbone_lr_mult == (0.1 if expected == 2 else None)
