@@ -85,7 +85,8 @@ class Window:
         dt = max(time.time() - self.t0, 1e-9)
         speed = self.n * self.batch_size / dt
         acc = f"\tacc={self.acc / max(self.n, 1):.6f}" if has_acc else ""
-        line = (f"Epoch[{epoch}] Batch [{nbatch}]\tSpeed: {speed:.2f} samples/sec\tloss={self.loss / max(self.n, 1):.6f}"
+        loss = self.loss / max(self.n, 1)
+        line = (f"Epoch[{epoch}] Batch [{nbatch}]\tSpeed: {speed:.2f} samples/sec\tloss={loss:.6f}"
                 f"{acc}\tlr={lr:.6g}\tstage={stage}")
         self.reset()
         return line

@@ -43,9 +43,7 @@ def test_resume_continues_the_loss_sequence_exactly(tiny_data, tmp_path):
 
 def test_resume_state_roundtrip_of_optimizer_states(tiny_data, tmp_path):
     """Momentum saved by name comes back bit-identical (what makes the continuation exact)."""
-    import mxnet as mx
-
-    from recognition.callbacks import get_optimizer_states, load_resume_arrays
+    from recognition.callbacks import get_optimizer_states, load_resume_arrays, set_optimizer_states
     from recognition.trainer import Trainer, prepare_run
 
     args = train.build_argparser().parse_args(_argv(tiny_data, tmp_path, 2, "--stages", "all"))
@@ -57,15 +55,12 @@ def test_resume_state_roundtrip_of_optimizer_states(tiny_data, tmp_path):
     cfg2 = train.config_from_args(train.build_argparser().parse_args(["--resume", summary["run_dir"]]))
     t = Trainer(cfg2, prepare_run(cfg2))
     t.module, t.opt = t._make_module(0, t.arg_params, t.aux_params)
-    from recognition.callbacks import set_optimizer_states
-
     assert set_optimizer_states(t.module, states) == len(states)
-    # a zero-gradient update with lr 0 syncs states into the updater; compare them by name
+    # states are keyed by parameter name, so they survive a change of Module (stage switch, device count)
     back = get_optimizer_states(t.module)
     for name, st in states.items():
         assert np.array_equal(back[name].asnumpy(), st.asnumpy()), name
     live_arg, _ = t.module.get_params()
     for name in arg:
         assert np.array_equal(live_arg[name].asnumpy(), arg[name].asnumpy()), name
-    assert isinstance(mx.nd.zeros(1), mx.nd.NDArray)
     t.data.close()
