@@ -19,26 +19,31 @@ import mxnet as mx
 
 
 def broadcast_channels(vec: mx.sym.Symbol, like: mx.sym.Symbol, num_channels: int) -> mx.sym.Symbol:
-    """Spread a per-channel vector (C,) to the shape of ``like`` (N, C, ...) via two outer products.
+    """Spread a per-channel vector (C,) to the shape of ``like`` (N, C, H, W) via two outer products.
 
-    Inputs: ``vec`` (C,), ``like`` (N, C, H, W) or (N, C). Outputs: (N, C, H, W) resp. (N, C), equal to
-    ``vec[c]`` at channel ``c``. Its gradient to ``vec`` is a GEMV, fast on CPU (unlike ``broadcast_*``).
+    Inputs: ``vec`` (C,), ``like`` (N, C, H, W). Outputs: (N, C, H, W) equal to ``vec[c]`` at channel ``c``.
+    Its gradient to ``vec`` is a GEMV, fast on CPU (unlike the reduction behind ``broadcast_*``).
+    ``like`` should be a default-layout array (an output of a non-MKLDNN operator): slicing an MKLDNN-layout
+    array copies all of it first.
     """
-    flat = mx.sym.reshape(like, shape=(0, -1))                                       # (N, C*H*W)
-    ones_n = mx.sym.ones_like(mx.sym.slice_axis(flat, axis=1, begin=0, end=1))        # (N, 1)
-    first = mx.sym.slice_axis(mx.sym.slice_axis(like, axis=0, begin=0, end=1), axis=1, begin=0, end=1)
-    ones_hw = mx.sym.ones_like(mx.sym.reshape(first, shape=(-1, 1)))                 # (H*W, 1)
-    per_row = mx.sym.dot(ones_n, mx.sym.reshape(vec, shape=(1, num_channels)))      # (N, C)
-    full = mx.sym.dot(mx.sym.reshape(per_row, shape=(-1, 1)), ones_hw, transpose_b=True)  # (N*C, H*W)
-    return mx.sym.reshape_like(full, like)
+    column = like
+    for axis in (1, 2, 3):
+        column = mx.sym.slice_axis(column, axis=axis, begin=0, end=1)                   # (N, 1, 1, 1)
+    ones_n = mx.sym.ones_like(mx.sym.reshape(column, shape=(-1, 1)))                   # (N, 1)
+    plane = mx.sym.slice_axis(mx.sym.slice_axis(like, axis=0, begin=0, end=1), axis=1, begin=0, end=1)
+    ones_hw = mx.sym.ones_like(mx.sym.reshape(plane, shape=(-3, 0, 0)))                # (1, H, W)
+    per_row = mx.sym.dot(ones_n, mx.sym.reshape(vec, shape=(1, num_channels)))        # (N, C)
+    return mx.sym.dot(mx.sym.reshape(per_row, shape=(0, 0, 1)), ones_hw)               # (N, C, H, W)
 
 
 def fast_prelu(data: mx.sym.Symbol, name: str, num_channels: int) -> mx.sym.Symbol:
     """``max(x, 0) + gamma * min(x, 0)`` per channel; slope variable ``NAME_gamma`` (C,), init 0.25 like MXNet's.
 
-    Inputs: ``data`` (N, C, H, W) or (N, C). Outputs: same shape; the last node is named ``NAME``.
+    Inputs: ``data`` (N, C, H, W). Outputs: same shape; the last node is named ``NAME``.
     """
     gamma = mx.sym.var(name + "_gamma", shape=(num_channels,), init=mx.init.Constant(0.25))
-    slope_minus_one = broadcast_channels(gamma - 1.0, data, num_channels)
+    # ``data`` usually comes from an MKLDNN BatchNorm: read it with one non-MKLDNN operator only (minimum),
+    # take the shapes from that operator's default-layout output, and add with the MKLDNN-aware elemwise_add.
     negative = mx.sym.minimum(data, 0.0)
+    slope_minus_one = broadcast_channels(gamma - 1.0, negative, num_channels)
     return mx.sym.elemwise_add(data, negative * slope_minus_one, name=name)
