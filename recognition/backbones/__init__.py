@@ -13,7 +13,7 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import mxnet as mx
 
-from recognition.backbones import fmobilefacenet, fresnet
+from recognition.backbones import fmobilefacenet, fmobilenet, fresnet, vargfacenet
 from recognition.backbones.layers import check_prelu_mode
 from recognition.common import ToolkitError
 
@@ -39,6 +39,8 @@ def _register(module, specs: dict, emb_of: Callable[[tuple], int]) -> None:
 
 _register(fresnet, fresnet.SPECS, lambda s: s[2])
 _register(fmobilefacenet, fmobilefacenet.SPECS, lambda s: s[1])
+_register(fmobilenet, fmobilenet.SPECS, lambda s: s)
+_register(vargfacenet, vargfacenet.SPECS, lambda s: s)
 
 
 def list_networks() -> List[str]:
