@@ -9,7 +9,7 @@ from typing import List, Sequence, Tuple
 
 import mxnet as mx
 
-from recognition.backbones.layers import act, batchnorm, conv, embedding_head, normalise_input
+from recognition.backbones.layers import MXNET_BN_EPS, act, batchnorm, conv, embedding_head, normalise_input
 from recognition.common import ToolkitError
 
 # name -> (blocks per stage, default embedding size)
@@ -30,7 +30,8 @@ def conv_unit(data, ctx: _Ctx, num_filter: int, name: str, kernel=(1, 1), stride
               num_group: int = 1, with_act: bool = True) -> mx.sym.Symbol:
     """Conv (``NAME_conv2d``) + BN (``NAME_batchnorm``) [+ PReLU ``NAME_relu``]. Outputs (N, num_filter, H', W')."""
     body = conv(data, name + "_conv2d", num_filter, kernel, stride, pad, num_group)
-    body = batchnorm(body, name + "_batchnorm", bn_mom=ctx.bn_mom)
+    # insightface's blocks leave BatchNorm at MXNet's default eps (1e-3); real checkpoints depend on it
+    body = batchnorm(body, name + "_batchnorm", bn_mom=ctx.bn_mom, eps=MXNET_BN_EPS)
     if with_act:
         body = act(body, name + "_relu", num_filter, ctx.act_type, ctx.prelu_mode)
     return body

@@ -11,7 +11,8 @@ import mxnet as mx
 
 from recognition.common import ToolkitError
 
-BN_EPS = 2e-5
+BN_EPS = 2e-5  # fresnet, vargfacenet and every fc1
+MXNET_BN_EPS = 1e-3  # MXNet's default, which insightface's MobileFaceNet/MobileNet blocks and GDC keep
 PRELU_MODES = ("fast", "stock")
 
 
@@ -52,9 +53,10 @@ def act(data: mx.sym.Symbol, name: str, num_channels: int, act_type: str = "prel
     return mx.sym.Activation(data=data, act_type=act_type, name=name)
 
 
-def batchnorm(data: mx.sym.Symbol, name: str, fix_gamma: bool = False, bn_mom: float = 0.9) -> mx.sym.Symbol:
-    """BatchNorm with insightface's settings (eps 2e-5); parameters ``NAME_gamma/_beta/_moving_mean/_moving_var``."""
-    return mx.sym.BatchNorm(data=data, fix_gamma=fix_gamma, eps=BN_EPS, momentum=bn_mom, name=name)
+def batchnorm(data: mx.sym.Symbol, name: str, fix_gamma: bool = False, bn_mom: float = 0.9,
+              eps: float = BN_EPS) -> mx.sym.Symbol:
+    """BatchNorm with insightface's settings; parameters ``NAME_gamma/_beta/_moving_mean/_moving_var``."""
+    return mx.sym.BatchNorm(data=data, fix_gamma=fix_gamma, eps=eps, momentum=bn_mom, name=name)
 
 
 def conv(data: mx.sym.Symbol, name: str, num_filter: int, kernel: Tuple[int, int] = (1, 1),
@@ -72,7 +74,8 @@ def embedding_head(body: mx.sym.Symbol, emb_size: int, kind: str, in_channels: i
 
     - ``'E'``: BN ``bn1`` -> Dropout -> FC ``pre_fc1`` -> BN ``fc1`` (fresnet).
     - ``'GDC'``: global depthwise 7x7 ``conv_6dw7_7`` (+BN, no activation) -> FC ``pre_fc1`` -> BN ``fc1``
-      (MobileFaceNet); ``gdc_group`` groups (default: one per output channel, ``in_channels`` outputs).
+      (MobileFaceNet); ``gdc_group`` groups (default: one per output channel, ``in_channels`` outputs);
+      its BN keeps MXNet's default eps 1e-3 as insightface's does (checked against ``model-y1-test2``).
     - ``'J'``: FC ``pre_fc1`` -> BN ``fc1`` (vargfacenet, whose own block already pooled to 1x1).
     The final BN has ``fix_gamma=True`` as in insightface.
     """
@@ -83,7 +86,7 @@ def embedding_head(body: mx.sym.Symbol, emb_size: int, kind: str, in_channels: i
     elif kind == "GDC":
         groups = gdc_group or in_channels
         body = conv(body, "conv_6dw7_7_conv2d", in_channels, kernel=(7, 7), num_group=groups)
-        body = batchnorm(body, "conv_6dw7_7_batchnorm", bn_mom=bn_mom)
+        body = batchnorm(body, "conv_6dw7_7_batchnorm", bn_mom=bn_mom, eps=MXNET_BN_EPS)
     elif kind != "J":
         raise ToolkitError(f"embedding head {kind!r}: unknown; choose one of E, GDC, J")
     body = mx.sym.FullyConnected(data=body, num_hidden=emb_size, name="pre_fc1")
