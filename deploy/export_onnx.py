@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from typing import Dict, List, Optional, Sequence
+from unittest import mock
 
 import numpy as np
 
@@ -44,6 +46,7 @@ def _convert(symbol, params: dict, in_shape: tuple, opset: int, dynamic: bool):
     ``export_model`` itself always stamps the installed onnx's newest opset (20 for onnx 1.15) on nodes that
     follow the opset-13 translations; calling the converter directly keeps the stamp honest and ``--opset`` real.
     """
+    import onnx
     from mxnet.onnx.mx2onnx._export_onnx import MXNetGraph
     from onnx import TensorProto, helper
 
@@ -51,9 +54,13 @@ def _convert(symbol, params: dict, in_shape: tuple, opset: int, dynamic: bool):
     quiet = _DropDotWarning()
     logging.getLogger().addFilter(quiet)
     try:
-        graph = MXNetGraph().create_onnx_graph_proto(symbol, params, [in_shape], [TensorProto.FLOAT],
-                                                     verbose=False, opset_version=opset, dynamic=dynamic,
-                                                     dynamic_input_shapes=dyn_shapes)
+        # The converter ends with onnx.checker.check_graph(graph), which validates against the *newest* opset of
+        # the installed onnx, so opset-13 nodes such as ReduceMean(axes=...) fail it (axes became an input in 18).
+        # Skip that call here; fix_onnx_model checks the whole model at its real opset instead.
+        with mock.patch.object(onnx.checker, "check_graph", lambda *a, **k: None):
+            graph = MXNetGraph().create_onnx_graph_proto(symbol, params, [in_shape], [TensorProto.FLOAT],
+                                                         verbose=False, opset_version=opset, dynamic=dynamic,
+                                                         dynamic_input_shapes=dyn_shapes)
     except AttributeError as exc:
         msg = str(exc)
         if "No conversion function registered for op type" in msg:
@@ -112,12 +119,14 @@ def export_onnx(prefix: str, epoch: int, output: str, dynamic_batch: bool = Fals
     onnx, onnxruntime = _import_onnx()
     import mxnet as mx
 
-    from deploy.onnx_fix import explicit_defaults, fix_onnx_model, honour_fix_gamma
+    from deploy.onnx_fix import explicit_defaults, fix_onnx_model, honour_fix_gamma, lower_for_onnx
     from recognition.verification import Embedder, cut_at_embedding
 
     if opset not in SUPPORTED_OPSETS:
         raise ToolkitError(f"--opset {opset}: mxnet {_mx_version()} exports opsets "
                            f"{', '.join(map(str, SUPPORTED_OPSETS))} only")
+    if os.path.isdir(output):
+        raise ToolkitError(f"--output {output}: is a folder; name the .onnx file to write")
     if batch_size < 1:
         raise ToolkitError(f"--batch-size {batch_size}: must be at least 1")
     h, w = (int(v) for v in image_size)
@@ -135,13 +144,20 @@ def export_onnx(prefix: str, epoch: int, output: str, dynamic_batch: bool = Fals
     export_sym, changed = explicit_defaults(emb_sym)
     if changed:
         fixes.append(f"wrote {len(changed)} omitted boolean attribute(s) explicitly (e.g. {changed[0]})")
+    export_sym, lowered = lower_for_onnx(export_sym, (batch_size, 3, h, w))
+    if lowered:
+        fixes.append(f"rewrote {len(lowered)} reshape/dot node(s) for ONNX (e.g. {lowered[0]})")
     params, fixed_gamma = honour_fix_gamma(export_sym, params)
     if fixed_gamma:
         fixes.append(f"exported gamma=1 for {len(fixed_gamma)} BatchNorm(fix_gamma=True): {', '.join(fixed_gamma[:4])}"
                      f"{' ...' if len(fixed_gamma) > 4 else ''}")
     in_shape = (batch_size, 3, h, w)
     model = _convert(export_sym, params, in_shape, opset, dynamic_batch)
-    model, graph_fixes = fix_onnx_model(model)
+    try:
+        model, graph_fixes = fix_onnx_model(model)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        raise ToolkitError(f"the exported graph is not valid ONNX even after repair: "
+                           f"{(str(exc).splitlines() or [''])[0]}") from None
     fixes.extend(graph_fixes)
     blob = model.SerializeToString()
 

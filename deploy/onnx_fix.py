@@ -13,11 +13,17 @@ What goes wrong with a raw ``mx.onnx.export_model`` of an insightface checkpoint
    gammas (:func:`honour_fix_gamma`).
 3. ``PRelu`` gets MXNet's (C,) slope; ONNX broadcasts a slope from the *right* (numpy rules), so (C,) lines up
    with W of an (N, C, H, W) input. Fix after export: reshape the slope to (C, 1, ..., 1) (:func:`fix_onnx_model`).
-4. Every weight is also listed as a graph input, which keeps onnxruntime from treating it as a constant.
+4. ``Reshape`` with MXNet's special codes (-2, -3, -4) is refused, and ``dot`` of >2-D arrays becomes an ONNX
+   ``MatMul``, which batches over leading axes where MXNet contracts the last axis of ``a`` with the first of
+   ``b`` (CPU-fast formulations such as the toolkit's fast PReLU use both). Fix before export
+   (:func:`lower_for_onnx`): write such a Reshape with plain sizes, and such a dot as 2-D ``dot`` between
+   reshapes; the batch axis becomes -1 so that a dynamic batch still works.
+5. Every weight is also listed as a graph input, which keeps onnxruntime from treating it as a constant.
    Fix after export: drop graph inputs that are initializers.
 """
 from __future__ import annotations
 
+import ast
 import ctypes
 import json
 import re
@@ -74,6 +80,90 @@ def explicit_defaults(symbol):
     return mx.sym.load_json(json.dumps(graph)), changed
 
 
+_SPECIAL_RESHAPE = (-2, -3, -4)
+
+
+def _entry_shapes(symbol, data_shape) -> Dict[str, tuple]:
+    internals = symbol.get_internals()
+    _, out_shapes, _ = internals.infer_shape(data=tuple(data_shape))
+    return dict(zip(internals.list_outputs(), (tuple(s) for s in out_shapes)))
+
+
+def _entry_name(nodes, entry) -> str:
+    node = nodes[entry[0]]
+    if node["op"] == "null":
+        return node["name"]
+    return node["name"] + ("_output" if entry[1] == 0 else f"_output{entry[1]}")
+
+
+def _plain_shape(name: str, small: tuple, large: tuple) -> str:
+    """Sizes that do not follow the batch stay literal; the one that does becomes -1."""
+    from recognition.common import ToolkitError
+
+    codes = [a if a == b else -1 for a, b in zip(small, large)]
+    if codes.count(-1) > 1:
+        raise ToolkitError(f"node {name}: reshape/dot output {small} has several batch-dependent axes; "
+                           f"cannot be written for ONNX")
+    return str(tuple(codes))
+
+
+def lower_for_onnx(symbol, data_shape) -> Tuple[object, List[str]]:
+    """Rewrite ``Reshape`` with special codes and >2-D ``dot`` into forms the exporter converts right (item 4).
+
+    ``data_shape`` (N, C, H, W): shapes are inferred at two batch sizes to tell batch-dependent axes.
+    Returns ``(new_symbol, names of rewritten nodes)``.
+    """
+    import mxnet as mx
+
+    graph = json.loads(symbol.tojson())
+    nodes = graph["nodes"]
+    rest = tuple(data_shape[1:])
+    small, large = _entry_shapes(symbol, (2,) + rest), _entry_shapes(symbol, (3,) + rest)
+    new_nodes: List[dict] = []
+    remap: Dict[int, int] = {}
+    changed: List[str] = []
+
+    def add(node: dict) -> int:
+        new_nodes.append(node)
+        return len(new_nodes) - 1
+
+    def ref(entry) -> list:
+        return [remap[entry[0]], entry[1], 0]
+
+    for i, node in enumerate(nodes):
+        op, attrs, name = node["op"], node.get("attrs", {}), node["name"]
+        out = name + "_output"
+        if op in ("Reshape", "reshape") and "shape" in attrs and (
+                any(c in _SPECIAL_RESHAPE for c in ast.literal_eval(attrs["shape"])) or _is_true(attrs.get("reverse"))):
+            attrs = {k: v for k, v in attrs.items() if k != "reverse"}
+            attrs["shape"] = _plain_shape(name, small[out], large[out])
+            remap[i] = add(dict(node, attrs=attrs, inputs=[ref(e) for e in node["inputs"]]))
+            changed.append(name)
+            continue
+        if op == "dot" and not _is_true(attrs.get("transpose_a")) and not _is_true(attrs.get("transpose_b")):
+            a, b = (_entry_name(nodes, e) for e in node["inputs"][:2])
+            if len(small[a]) > 2 or len(small[b]) > 2:
+                k = small[a][-1]
+                lhs = add({"op": "Reshape", "name": name + "_lhs2d", "attrs": {"shape": f"(-1, {k})"},
+                           "inputs": [ref(node["inputs"][0])]})
+                rhs = add({"op": "Reshape", "name": name + "_rhs2d", "attrs": {"shape": f"({k}, -1)"},
+                           "inputs": [ref(node["inputs"][1])]})
+                flat = add({"op": "dot", "name": name + "_2d", "attrs": {}, "inputs": [[lhs, 0, 0], [rhs, 0, 0]]})
+                remap[i] = add({"op": "Reshape", "name": name,
+                                "attrs": {"shape": _plain_shape(name, small[out], large[out])},
+                                "inputs": [[flat, 0, 0]]})
+                changed.append(name)
+                continue
+        remap[i] = add(dict(node, inputs=[ref(e) for e in node["inputs"]]))
+    if not changed:
+        return symbol, changed
+    graph["nodes"] = new_nodes
+    graph["arg_nodes"] = [j for j, n in enumerate(new_nodes) if n["op"] == "null"]
+    graph["heads"] = [ref(h) for h in graph["heads"]]
+    graph.pop("node_row_ptr", None)
+    return mx.sym.load_json(json.dumps(graph)), changed
+
+
 def _is_true(value) -> bool:
     return str(value) in ("True", "1", "true")
 
@@ -123,7 +213,7 @@ def _ranks(model) -> Dict[str, int]:
 
 
 def fix_onnx_model(model) -> Tuple[object, List[str]]:
-    """Repair an exported ``onnx.ModelProto`` in place (items 3-4 above); returns ``(model, list of changes)``.
+    """Repair an exported ``onnx.ModelProto`` in place (items 3 and 5 above); returns ``(model, list of changes)``.
 
     Generic graph surgery: it looks at operator types and inferred ranks only, never at layer names.
     """

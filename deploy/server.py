@@ -237,6 +237,7 @@ class FaceHandler(BaseHTTPRequestHandler):
             raise HttpError(400, f"Content-Length {length!r}: not an integer") from None
         if n > self.server.max_body:
             self.close_connection = True  # the unread body must not be parsed as the next request
+            self._drain(n)
             raise HttpError(413, f"request body of {n} bytes exceeds the limit of {self.server.max_body} bytes")
         try:
             body = json.loads(self.rfile.read(n) or b"null")
@@ -246,9 +247,19 @@ class FaceHandler(BaseHTTPRequestHandler):
             raise HttpError(400, "body: expected a JSON object")
         return body
 
+    def _drain(self, n: int, limit: int = 64 * 2 ** 20) -> None:
+        """Read and drop up to ``limit`` bytes of a refused body, so that a client still sending it gets the 413
+        instead of a connection reset; past ``limit`` the connection is simply closed."""
+        left = min(n, limit)
+        while left > 0:
+            chunk = self.rfile.read(min(left, 1 << 16))
+            if not chunk:
+                break
+            left -= len(chunk)
+
     def _get_health(self) -> dict:
         return {"status": "ok", "names": len(self.server.gallery.listing()), "embeddings": self.server.gallery.size(),
-                "embedding_size": self.server.gallery.dim, "threshold": self.server.threshold}
+                "embedding_size": int(self.server.model.embedding_size), "threshold": self.server.threshold}
 
     def _get_faces(self) -> dict:
         faces = [{"name": n, "count": c} for n, c in self.server.gallery.listing()]
@@ -310,6 +321,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     p = argparse.ArgumentParser(description="Face registry HTTP service over a checkpoint and an SQLite gallery.")
     add_model_args(p)
+    p.set_defaults(batch_size=1)  # one face per forward: a request never waits for a padded batch of 32
     p.add_argument("--db", required=True, help="SQLite gallery file (created when absent)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8080)

@@ -178,6 +178,8 @@ def test_bad_inputs_one_line_exit_2(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "does not support operator 'gammaln'" in err and "\n" not in err
     assert not os.path.exists(tmp_path / "o.onnx")
+    with pytest.raises(ToolkitError, match="is a folder"):
+        export_onnx(str(tmp_path / "bad"), 0, str(tmp_path))
     with pytest.raises(ToolkitError, match="--batch-size 0"):
         export_onnx(str(tmp_path / "bad"), 0, str(tmp_path / "o.onnx"), batch_size=0)
 
@@ -218,3 +220,27 @@ def test_every_backbone_exports_fast_and_stock_prelu(network, tmp_path):
     # the two formulations of PReLU, exported separately, agree on the same weights
     if len(results) == 2:
         assert compare_embeddings(results["fast"], results["stock"])["min_cosine"] > 0.99999
+
+
+def test_special_reshape_and_nd_dot_are_lowered(tmp_path):
+    """reshape(-3, ...) is refused by the exporter and an (N,C,1).(1,H,W) dot becomes a wrong MatMul: both lowered."""
+    from deploy.onnx_fix import lower_for_onnx
+
+    data = mx.sym.var("data")
+    x = mx.sym.Convolution((data - 127.5) * 0.0078125, num_filter=4, kernel=(3, 3), stride=(8, 8), name="c0")
+    plane = mx.sym.slice_axis(mx.sym.slice_axis(x, axis=0, begin=0, end=1), axis=1, begin=0, end=1)
+    ones_hw = mx.sym.ones_like(mx.sym.reshape(plane, shape=(-3, 0, 0)))  # (1, H, W)
+    per_row = mx.sym.reshape(mx.sym.mean(x, axis=(2, 3)), shape=(0, 0, 1))  # (N, C, 1)
+    y = x * mx.sym.dot(per_row, ones_hw)  # (N, C, H, W)
+    fc1 = mx.sym.FullyConnected(y, num_hidden=6, name="fc1")
+    lowered, changed = lower_for_onnx(fc1, (1, 3, 112, 112))
+    assert sorted(n.rstrip("0123456789") for n in changed) == ["dot", "reshape"]  # reshape(-3, 0, 0) and the dot
+    arg, aux = random_params(fc1)
+    x_in = np.random.RandomState(7).uniform(0, 255, (3, 3, 112, 112)).astype(np.float32)
+    ref = mxnet_embed(fc1, arg, aux, x_in)
+    np.testing.assert_allclose(mxnet_embed(lowered, arg, aux, x_in), ref, rtol=1e-5, atol=1e-5)
+    prefix = str(tmp_path / "nd")
+    save_checkpoint(prefix, 0, fc1, arg, aux)
+    report = export_onnx(prefix, 0, prefix + ".onnx", dynamic_batch=True)
+    assert any("reshape/dot" in f for f in report["fixes"])
+    assert compare_embeddings(ref, ort_embed(prefix + ".onnx", x_in))["min_cosine"] > 0.99999

@@ -150,6 +150,8 @@ def test_oversized_body_refused(model, faces, tmp_path):
     try:
         st, out = srv.call("POST", "/registerFace", {"name": "big", "images": [b64(faces["p0"][0])]})
         assert st == 413 and "1000" in out["error"]
+        st, out = srv.call("POST", "/detectFace", {"image": "A" * 3_000_000})  # the client sends it all
+        assert st == 413 and "3000013 bytes" in out["error"]
         assert srv.call("GET", "/health")[0] == 200  # still serving
     finally:
         srv.stop()
