@@ -82,7 +82,10 @@ class FaceGallery:
                 self._db.execute("BEGIN IMMEDIATE")
                 self._db.executemany("INSERT INTO faces (name, dim, embedding) VALUES (?, ?, ?)",
                                      [(name, int(e.shape[0]), e.tobytes()) for e in embeddings])
-            self._reload()
+            # the in-memory copy follows the committed rows (same order as a reload would give)
+            self.dim = int(embeddings.shape[1])
+            self._matrix = np.concatenate([self._matrix.reshape(-1, self.dim), embeddings])
+            self._names.extend([name] * len(embeddings))
             return self._names.count(name)
 
     def delete(self, name: str) -> int:
@@ -91,7 +94,11 @@ class FaceGallery:
             with self._db:
                 self._db.execute("BEGIN IMMEDIATE")
                 n = self._db.execute("DELETE FROM faces WHERE name = ?", (name,)).rowcount
-            self._reload()
+            if n:
+                keep = np.array([k != name for k in self._names], bool)
+                self._matrix = self._matrix[keep]
+                self._names = [k for k in self._names if k != name]
+                self.dim = self.dim if self._names else None  # an emptied gallery takes any model, as on reload
             return n
 
     def listing(self) -> List[Tuple[str, int]]:
