@@ -159,6 +159,8 @@ def export_onnx(prefix: str, epoch: int, output: str, dynamic_batch: bool = Fals
         raise ToolkitError(f"the exported graph is not valid ONNX even after repair: "
                            f"{(str(exc).splitlines() or [''])[0]}") from None
     fixes.extend(graph_fixes)
+    onnx.helper.set_model_props(model, {"source": f"{os.path.basename(prefix)},{epoch}", "embedding": "fc1_output",
+                                        "input": "data: float32 NCHW RGB 0-255 (normalised inside the graph)"})
     blob = model.SerializeToString()
 
     sess = _session(onnxruntime, blob)

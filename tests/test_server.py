@@ -16,8 +16,8 @@ from recognition.common import ToolkitError, save_checkpoint
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    """FaceModel over a seeded random-init ``tiny`` checkpoint (no ../shared needed)."""
+def tiny_ckpt(tmp_path_factory):
+    """PREFIX of a seeded random-init ``tiny`` checkpoint (no ../shared needed)."""
     import mxnet as mx
 
     from recognition.backbones import get_symbol
@@ -31,7 +31,12 @@ def model(tmp_path_factory):
            for n, s in zip(sym.list_auxiliary_states(), aux_shapes)}
     prefix = str(tmp_path_factory.mktemp("srv_model") / "tiny")
     save_checkpoint(prefix, 0, sym, arg, aux)
-    return FaceModel(prefix + ",0", batch_size=4)
+    return prefix
+
+
+@pytest.fixture(scope="module")
+def model(tiny_ckpt):
+    return FaceModel(tiny_ckpt + ",0", batch_size=4)
 
 
 @pytest.fixture(scope="module")
@@ -199,3 +204,37 @@ def test_db_of_another_model_refused(model, tmp_path):
         make_server(model, db, "127.0.0.1", 0)
     with pytest.raises(ToolkitError, match="--threshold"):
         make_server(model, str(tmp_path / "h.sqlite"), "127.0.0.1", 0, threshold=3)
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        with pytest.raises(ToolkitError, match="--port %d: cannot listen" % busy.getsockname()[1]):
+            make_server(model, str(tmp_path / "h.sqlite"), "127.0.0.1", busy.getsockname()[1])
+
+
+def test_cli_serves_and_reports_bad_model(model, tiny_ckpt, tmp_path):
+    """``python -m deploy.server`` end to end: listens, answers /health; a missing checkpoint is one line, exit 2."""
+    import re
+    import subprocess
+    import sys
+
+    bad = subprocess.run([sys.executable, "-m", "deploy.server", "--model", str(tmp_path / "none") + ",0",
+                          "--db", str(tmp_path / "g.sqlite")], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: --model: checkpoint file")
+    proc = subprocess.Popen([sys.executable, "-m", "deploy.server", "--model", tiny_ckpt + ",0", "--db", str(tmp_path / "g.sqlite"),
+                             "--port", "0", "--no-flip"], stderr=subprocess.PIPE, text=True)
+    try:
+        port = None
+        for line in proc.stderr:
+            m = re.search(r"serving on http://127.0.0.1:(\d+)", line)
+            if m:
+                port = int(m.group(1))
+                break
+        assert port, "server did not report its port"
+        with urllib.request.urlopen("http://127.0.0.1:%d/health" % port, timeout=30) as resp:
+            health = json.loads(resp.read())
+        assert health["status"] == "ok" and health["embedding_size"] == model.embedding_size
+    finally:
+        proc.terminate()
+        proc.wait(30)
