@@ -309,8 +309,11 @@ class Trainer:
         arg, aux = self.module.get_params()
         embed = Embedder(self.embedding_symbol, arg, aux, ctx=self.ctx[0], batch_size=self.cfg.per_batch_size,
                          data_shape=(3,) + tuple(self.cfg.image_size))
-        it = FaceImageIter(os.path.join(self.plan.data_dir, "train.rec"), min(self.cfg.per_batch_size, 64),
-                           data_shape=(3,) + tuple(self.cfg.image_size), shuffle=False, rand_mirror=False,
+        rec = os.path.join(self.plan.data_dir, "train.rec")
+        # the iterator drops a last partial batch: pick a batch size dividing the image count so every image counts
+        n = self.data.num_images
+        bs = max(b for b in range(1, min(n, 64) + 1) if n % b == 0)
+        it = FaceImageIter(rec, bs, data_shape=(3,) + tuple(self.cfg.image_size), shuffle=False, rand_mirror=False,
                            num_workers=int(self.cfg.num_workers), seed=0)
         w = imprint_fc7(embed, it, self.plan.num_classes)
         it.close()
