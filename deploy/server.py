@@ -4,7 +4,8 @@
 
 Endpoints (JSON in, JSON out; errors are ``{"error": "..."}`` with a 4xx status):
 
-- ``POST /registerFace`` ``{"name": str, "images": [base64 JPEG/PNG, ...]}`` (or ``"image"``) -> ``{name, added, count}``
+- ``POST /registerFace`` ``{"name": str, "images": [base64 JPEG/PNG, ...]}`` (or ``"image"``)
+  -> ``{name, added, count}``
 - ``POST /detectFace`` ``{"image": base64}`` -> ``{name, score, candidate, threshold}``; ``name`` is ``"unknown"``
   when the best cosine similarity is under ``--threshold`` (``candidate`` still names the nearest identity)
 - ``POST /deleteFace`` ``{"name": str}`` -> ``{name, deleted}`` (404 for a name not in the gallery)

@@ -222,8 +222,9 @@ def test_cli_serves_and_reports_bad_model(model, tiny_ckpt, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "deploy.server", "--model", str(tmp_path / "none") + ",0",
                           "--db", str(tmp_path / "g.sqlite")], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: --model: checkpoint file")
-    proc = subprocess.Popen([sys.executable, "-m", "deploy.server", "--model", tiny_ckpt + ",0", "--db", str(tmp_path / "g.sqlite"),
-                             "--port", "0", "--no-flip"], stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-m", "deploy.server", "--model", tiny_ckpt + ",0",
+                             "--db", str(tmp_path / "g.sqlite"), "--port", "0", "--no-flip"],
+                            stderr=subprocess.PIPE, text=True)
     try:
         port = None
         for line in proc.stderr:
