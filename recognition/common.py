@@ -111,11 +111,47 @@ def atomic_write(path: str, mode: str = "wb") -> Iterator:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(exc, OSError):  # disk full, file too large, read-only: one line naming the file
+            raise write_error(path, exc) from None
         raise
     _fsync_dir(folder)
+
+
+def write_error(path: str, exc: BaseException) -> ToolkitError:
+    """One-line :class:`ToolkitError` for a failed write of ``path``: the errno text when there is one."""
+    reason = f"[Errno {exc.errno}] {exc.strerror}" if isinstance(exc, OSError) and exc.errno else \
+        (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
+    return ToolkitError(f"cannot write {path}: {reason}; the file was left as it was (no partial file)")
+
+
+def _probe_write(tmp: str) -> Optional[OSError]:
+    """After MXNet's writer failed on ``tmp`` (its error has no errno), append a little to learn the real reason
+    (ENOSPC, EFBIG past RLIMIT_FSIZE, EROFS, ...) from the kernel."""
+    try:
+        with open(tmp, "ab") as f:
+            f.write(b"\0" * 65536)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as exc:
+        return exc
+    return None
+
+
+def remove_stale_temps(folder: str) -> List[str]:
+    """Delete the ``.NAME.XXXX.tmp`` files that :func:`atomic_write`/:func:`save_params_atomic` leave when a process
+    is killed mid-write (never taken for checkpoints: real names are only ever made by rename). Returns them."""
+    removed = []
+    if not os.path.isdir(folder):
+        return removed
+    for name in sorted(os.listdir(folder)):
+        if name.startswith(".") and name.endswith(".tmp") and os.path.isfile(os.path.join(folder, name)):
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(folder, name))
+                removed.append(name)
+    return removed
 
 
 def atomic_replace(tmp_path: str, path: str) -> None:
@@ -146,9 +182,12 @@ def save_params_atomic(path: str, params: dict) -> None:
     try:
         mx.nd.save(tmp, params)
         atomic_replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
+        probe = _probe_write(tmp) if isinstance(exc, mx.base.MXNetError) else None
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(exc, (OSError, mx.base.MXNetError)):
+            raise write_error(path, probe or exc) from None
         raise
 
 
