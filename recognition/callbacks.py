@@ -18,6 +18,9 @@ import json
 import logging
 import os
 import random
+import re
+import signal
+import threading
 from typing import Dict, List, Optional, Sequence
 
 import mxnet as mx
@@ -134,6 +137,59 @@ def save_model(prefix: str, epoch: int, module, train_symbol, embedding_symbol, 
 
         write_meta(prefix, **dict(meta, slim=bool(slim)))
     return paths[0]
+
+
+def prune_checkpoints(prefix: str, keep: int, protect: Sequence[int] = ()) -> List[str]:
+    """``--keep K``: delete ``PREFIX-%04d.params`` beyond the K highest epochs (never those in ``protect``).
+
+    Called after the newest checkpoint is complete (renamed into place), so a crash never leaves fewer than K.
+    Returns the deleted paths.
+    """
+    if keep <= 0:
+        return []
+    folder, base = os.path.split(os.path.abspath(prefix))
+    epochs = sorted((int(m.group(1)) for m in (re.fullmatch(re.escape(base) + r"-(\d{4})\.params", n)
+                                                for n in os.listdir(folder)) if m), reverse=True)
+    removed = []
+    for epoch in epochs[keep:]:
+        if epoch not in protect:
+            path = "%s-%04d.params" % (prefix, epoch)
+            os.unlink(path)
+            removed.append(path)
+    return removed
+
+
+class StopFlag:
+    """Graceful stop: SIGINT/SIGTERM set a flag that the loop checks after each step (the step in flight, and a
+    save in flight, finish; the loop then writes the resume state and returns). A second signal aborts at once
+    (KeyboardInterrupt, exit code 130). Installs handlers only in the main thread; ``restore()`` puts back the
+    previous ones."""
+
+    def __init__(self, signals: Sequence[int] = (signal.SIGINT, signal.SIGTERM)):
+        self.signum: Optional[int] = None
+        self._old = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in signals:
+                self._old[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt(f"second {signal.Signals(signum).name}")
+        self.signum = signum
+        logger.warning("%s received: stopping after this step (send again to abort at once)",
+                       signal.Signals(signum).name)
+
+    def __bool__(self) -> bool:
+        return self.signum is not None
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum is not None else ""
+
+    def restore(self) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old = {}
 
 
 # ---------------------------------------------------------------------------------------------- optimizer state
@@ -306,5 +362,5 @@ def load_resume_arrays(doc: dict):
     return sym, arg, aux, states
 
 
-__all__ = ["Verifier", "CheckpointPolicy", "save_model", "get_optimizer_states", "set_optimizer_states",
+__all__ = ["Verifier", "CheckpointPolicy", "save_model", "prune_checkpoints", "StopFlag", "get_optimizer_states", "set_optimizer_states",
            "rng_state", "set_rng_state", "save_resume", "resume_dir", "read_resume_state", "load_resume_arrays"]
