@@ -117,6 +117,9 @@ def add_run_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--ckpt", type=int, choices=(0, 1, 2, 3), default=None,
                    help="0 never (only the final one), 1 when verification improves, 2 always, "
                         "3 best overwriting epoch 1")
+    g.add_argument("--keep", type=int, default=None,
+                   help="keep only the K newest model-NNNN.params (older ones deleted once the new one is complete; "
+                        "0 or unset: keep all)")
     g.add_argument("--ckpt-embedding", type=_int01, default=None,
                    help="1: save the graph cut at fc1_output without fc7; 0: the full training graph")
     g.add_argument("--verbose", type=int, default=None, help="verify (and checkpoint) every N batches")
