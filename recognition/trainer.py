@@ -26,7 +26,8 @@ from easydict import EasyDict as edict
 
 from recognition import callbacks as cb
 from recognition.args import check_positive
-from recognition.common import ToolkitError, atomic_write, parse_ctx, parse_prefix_epoch, setup_logging
+from recognition.common import (ToolkitError, atomic_write, parse_ctx, parse_prefix_epoch, remove_stale_temps,
+                                setup_logging)
 from recognition.metrics_log import MetricsLog, Window, plot_curves
 
 logger = logging.getLogger("recognition")
@@ -125,6 +126,8 @@ def prepare_run(cfg) -> edict:
         raise ToolkitError(f"--fc7-init {cfg.fc7_init!r}: choose random or imprint")
     if cfg.ckpt not in (0, 1, 2, 3):
         raise ToolkitError(f"--ckpt {cfg.ckpt}: choose 0, 1, 2 or 3")
+    if int(cfg.get("keep") or 0) < 0:
+        raise ToolkitError(f"--keep {cfg.keep}: must be >= 0 (0 keeps every checkpoint)")
     if plan.loss_cfg.loss in TRIPLET_LOSSES and cfg.per_batch_size % plan.loss_cfg.images_per_identity:
         raise ToolkitError(f"--per-batch-size {cfg.per_batch_size}: must be a multiple of images_per_identity "
                            f"{plan.loss_cfg.images_per_identity} for {plan.loss_cfg.loss}")
@@ -168,6 +171,11 @@ class Trainer:
         self.fc7_name = cfg.fc7_name
         os.makedirs(plan.run_dir, exist_ok=True)
         setup_logging(log_file=os.path.join(plan.run_dir, "train.log"))
+        # a killed run leaves .NAME.XXXX.tmp files (never real names: those only appear by rename); drop them
+        stale = remove_stale_temps(plan.run_dir) + remove_stale_temps(os.path.join(plan.run_dir, "resume"))
+        if stale:
+            logger.warning("removed %d unfinished temporary file(s) of an interrupted run: %s", len(stale),
+                           ", ".join(stale[:4]) + (" ..." if len(stale) > 4 else ""))
         self.metrics = MetricsLog(os.path.join(plan.run_dir, "metrics.jsonl"))
         self.curves = os.path.join(plan.run_dir, "curves.png")
         self.policy = cb.CheckpointPolicy(int(cfg.ckpt))
@@ -351,9 +359,15 @@ class Trainer:
                         data=(1, 3) + tuple(self.cfg.image_size))[1][0][1]))
 
     def _save(self, epoch: int) -> str:
-        path = cb.save_model(self.plan.prefix, epoch, self.module, self.train_symbol, self.embedding_symbol,
-                             slim=bool(int(self.cfg.ckpt_embedding)), meta=self._meta())
+        try:
+            path = cb.save_model(self.plan.prefix, epoch, self.module, self.train_symbol, self.embedding_symbol,
+                                 slim=bool(int(self.cfg.ckpt_embedding)), meta=self._meta())
+        except ToolkitError as exc:  # disk full / unwritable: earlier checkpoints are untouched (atomic writes)
+            raise ToolkitError(f"{exc}; last good checkpoint: {self.last_ckpt or 'none saved yet'}") from None
         self.last_ckpt = path
+        keep = int(self.cfg.get("keep") or 0)
+        for old in cb.prune_checkpoints(self.plan.prefix, keep, protect=(1,) if int(self.cfg.ckpt) == 3 else ()):
+            logger.info("removed %s (--keep %d)", old, keep)
         self.metrics.write("checkpoint", step=self.step, epoch=epoch, path=path)
         logger.info("saved %s", path)
         return path
@@ -379,7 +393,10 @@ class Trainer:
         state = dict(msave=self.msave, highest=self.policy.highest, saved_best=self.policy.saved_best,
                      stage_index=self.stage_idx, iter_state=self.data.get_state(), last_ckpt=self.last_ckpt,
                      before=self.before, config={k: v for k, v in self.cfg.items() if k != "resume"})
-        cb.save_resume(self.plan.run_dir, self.step, self.module, self.embedding_symbol, state)
+        try:
+            cb.save_resume(self.plan.run_dir, self.step, self.module, self.embedding_symbol, state)
+        except ToolkitError as exc:
+            raise ToolkitError(f"{exc}; the previous resume state in {self.plan.run_dir}/resume is intact") from None
 
     def _diverged(self, loss: float, lr: float) -> None:
         stage = self.plan.stages[self.stage_idx].name
@@ -390,7 +407,29 @@ class Trainer:
                            f"; lower --lr or add --warmup-steps")
 
     def fit(self) -> dict:
-        """Train to ``max_total`` steps or ``--end-epoch``; returns ``{step, final, before, checkpoint}``."""
+        """Train to ``max_total`` steps or ``--end-epoch``; returns ``{step, final, before, checkpoint}``.
+
+        SIGINT/SIGTERM stop gracefully after the current step: resume state written, ``stopped`` in the summary.
+        """
+        self._stop = cb.StopFlag()
+        try:
+            return self._fit()
+        finally:
+            self._stop.restore()
+
+    def _stopped(self, t0: float) -> dict:
+        """Graceful stop: the resume state at the current step (no verification round), then the summary."""
+        if self._last_round[0] != self.step:
+            self._save_resume()
+        self.metrics.write("stopped", step=self.step, signal=self._stop.name)
+        self.data.close()
+        self.metrics.close()
+        logger.warning("stopped by %s at step %d; resume state saved; continue with --resume %s", self._stop.name,
+                       self.step, self.plan.run_dir)
+        return dict(step=self.step, final={}, before=self.before, checkpoint=self.last_ckpt, prefix=self.plan.prefix,
+                    run_dir=self.plan.run_dir, seconds=time.time() - t0, stopped=self._stop.name)
+
+    def _fit(self) -> dict:
         from recognition.freeze import stage_at
 
         cfg, plan = self.cfg, self.plan
@@ -408,7 +447,7 @@ class Trainer:
         logger.info("training %s: batch %d on %d device(s), %s", plan.prefix, plan.batch_size, len(self.ctx),
                     ", ".join(f"{s.name}:{s.steps or 'end'}" for s in plan.stages))
         t0 = time.time()
-        while plan.max_total is None or self.step < plan.max_total:
+        while (plan.max_total is None or self.step < plan.max_total) and not self._stop:
             idx = stage_at(plan.stages, self.step)[0]
             if idx != self.stage_idx:
                 self._switch(idx)
@@ -438,6 +477,8 @@ class Trainer:
                 logger.info(window.report(state["epoch"], state["cursor"], lr, stage, acc is not None))
             if self.step % int(cfg.verbose) == 0:
                 self._round()
+        if self._stop:
+            return self._stopped(t0)
         if self._last_round[0] != self.step:
             results = self._round(final=True)
         else:
