@@ -363,4 +363,5 @@ def load_resume_arrays(doc: dict):
 
 
 __all__ = ["Verifier", "CheckpointPolicy", "save_model", "prune_checkpoints", "StopFlag", "get_optimizer_states",
-           "set_optimizer_states", "rng_state", "set_rng_state", "save_resume", "resume_dir", "read_resume_state", "load_resume_arrays"]
+           "set_optimizer_states", "rng_state", "set_rng_state", "save_resume", "resume_dir", "read_resume_state",
+           "load_resume_arrays"]
