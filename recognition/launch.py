@@ -1,0 +1,280 @@
+"""Start MXNet's parameter-server roles (scheduler, servers, workers) for multi-process / multi-machine training.
+
+``--kvstore dist_sync`` (or ``dist_device_sync``, ``dist_async``) makes each training process a *worker* of
+MXNet's parameter server (ps-lite). Besides the workers, one *scheduler* and one or more *servers* must run;
+every process learns its role and where the scheduler listens from environment variables::
+
+    DMLC_ROLE=scheduler|server|worker  DMLC_PS_ROOT_URI=<scheduler IP>  DMLC_PS_ROOT_PORT=<port>
+    DMLC_NUM_SERVER=<servers>          DMLC_NUM_WORKER=<workers>        (DMLC_NODE_HOST=<this node's IP>)
+
+A scheduler or server is just ``python -c "import mxnet"`` with that environment: importing mxnet runs the
+server loop and exits when the workers finish. This launcher sets it all up and watches the processes.
+
+One machine (e.g. several processes sharing CPU cores, or one process per GPU)::
+
+    python -m recognition.launch --num-workers 2 --num-servers 1 -- \\
+        python recognition/train.py --kvstore dist_sync --network r50 --data-dir ...
+
+Several machines (``--hosts`` file: one IP address per line, ``#`` comments; the first host also runs the
+scheduler; workers and servers are assigned round-robin)::
+
+    python -m recognition.launch --hosts hosts.txt --num-workers 4 --num-servers 2 -- \\
+        python recognition/train.py --kvstore dist_sync ...
+
+Remote processes are started with ``ssh -o BatchMode=yes HOST 'cd <this directory> && env DMLC_...=... CMD'``
+(``--ssh`` replaces ``ssh -o BatchMode=yes``; ``--dry-run`` prints every command without running it). Requirements
+for real hosts: password-less ssh from this machine to each host; the same code, data paths and Python environment
+at the same path on every host (a shared file system, or identical copies; activate the environment in the
+command, e.g. ``bash -c '. .venv/bin/activate && python ...'``); the scheduler's port (``--port``) and ps-lite's
+ports open between hosts; with several network interfaces set ``--interface eth0`` (``DMLC_INTERFACE``).
+
+Each worker reads its own part of the data: the training script shards its iterator by ``kv.rank`` of
+``kv.num_workers``. With ``dist_sync`` the gradient of a step is summed over all workers' batches, so the
+global batch is ``num_workers x per-worker batch``.
+
+Failure handling: the launcher polls every process. When any of them exits with a non-zero code (or a worker
+is killed), the others would block forever in the next synchronous push/pull, so the launcher stops all of them
+(SIGTERM, then SIGKILL after ``--grace`` seconds), prints which process died and exits non-zero. ``--timeout``
+bounds the whole run. Ctrl-C or SIGTERM to the launcher stops every process it started.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence
+
+from recognition.common import ToolkitError, run_cli
+
+DIST_KVSTORES = ("dist_sync", "dist_device_sync", "dist_async", "dist_device_async", "dist_sync_device")
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "")
+POLL_S = 0.2
+
+
+@dataclass
+class Proc:
+    """One started role: ``role`` ('scheduler', 'server', 'worker'), its index, host and Popen handle."""
+
+    role: str
+    index: int
+    host: str
+    argv: List[str]
+    env: Dict[str, str] = field(default_factory=dict)
+    popen: Optional[subprocess.Popen] = None
+
+    @property
+    def label(self) -> str:
+        return self.role if self.role == "scheduler" else f"{self.role} {self.index}"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m recognition.launch", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="Everything after '--' is the worker command.")
+    p.add_argument("--num-workers", "-n", type=int, default=None, help="number of workers (default: one per host)")
+    p.add_argument("--num-servers", "-s", type=int, default=None, help="number of servers (default: = workers)")
+    p.add_argument("--hosts", "-H", default=None, help="file with one host IP per line; default: all on 127.0.0.1")
+    p.add_argument("--port", type=int, default=0, help="scheduler port (default: a free port)")
+    p.add_argument("--ssh", default="ssh -o BatchMode=yes", help="command that runs a command on a remote host")
+    p.add_argument("--interface", default=None, help="network interface for ps-lite (sets DMLC_INTERFACE)")
+    p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="extra environment, repeatable")
+    p.add_argument("--grace", type=float, default=5.0, help="seconds between SIGTERM and SIGKILL when stopping")
+    p.add_argument("--timeout", type=float, default=0, help="stop everything after this many seconds (0: never)")
+    p.add_argument("--dry-run", action="store_true", help="print the commands with their environment and exit")
+    p.add_argument("command", nargs=argparse.REMAINDER, help="worker command (after '--')")
+    return p
+
+
+def read_hosts(path: str) -> List[str]:
+    """Hosts from a file: one address per line (``host`` or ``host:port``-free), ``#`` starts a comment."""
+    if not os.path.isfile(path):
+        raise ToolkitError(f"--hosts: file {path} does not exist")
+    with open(path) as f:
+        hosts = [line.split("#", 1)[0].strip() for line in f]
+    hosts = [h for h in hosts if h]
+    if not hosts:
+        raise ToolkitError(f"--hosts: {path} lists no host")
+    for h in hosts:
+        if any(c.isspace() for c in h) or ":" in h:
+            raise ToolkitError(f"--hosts: {path}: bad host {h!r}; expected one address per line")
+    return hosts
+
+
+def check_command(command: Sequence[str]) -> List[str]:
+    """Strip the leading ``--``; a ``--kvstore`` given to the workers must be a distributed kvstore."""
+    command = list(command)
+    if command and command[0] == "--":
+        command = command[1:]
+    if not command:
+        raise ToolkitError("no worker command: give it after '--', e.g. -- python recognition/train.py "
+                           "--kvstore dist_sync ...")
+    for i, arg in enumerate(command):
+        value = None
+        if arg == "--kvstore" and i + 1 < len(command):
+            value = command[i + 1]
+        elif arg.startswith("--kvstore="):
+            value = arg.split("=", 1)[1]
+        if value is not None and value not in DIST_KVSTORES:
+            hint = "it is not a distributed kvstore" if not value.startswith("dist") else "no such kvstore"
+            raise ToolkitError(f"--kvstore {value} in the worker command: {hint}; launch.py runs parameter servers "
+                               f"for {', '.join(DIST_KVSTORES)}")
+    return command
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def plan(command: List[str], num_workers: int, num_servers: int, hosts: List[str], port: int,
+         extra_env: Dict[str, str], interface: Optional[str] = None) -> List[Proc]:
+    """The processes to start: scheduler on ``hosts[0]``, servers and workers round-robin over ``hosts``."""
+    root = hosts[0] if hosts[0] not in ("localhost", "") else "127.0.0.1"
+    base = dict(extra_env, DMLC_PS_ROOT_URI=root, DMLC_PS_ROOT_PORT=str(port), DMLC_NUM_SERVER=str(num_servers),
+                DMLC_NUM_WORKER=str(num_workers))
+    if interface:
+        base["DMLC_INTERFACE"] = interface
+    python = command[0] if os.path.basename(command[0]).startswith("python") else sys.executable
+    server_argv = [python, "-c", "import mxnet"]
+    procs = [Proc("scheduler", 0, hosts[0], server_argv, dict(base, DMLC_ROLE="scheduler"))]
+    for i in range(num_servers):
+        procs.append(Proc("server", i, hosts[i % len(hosts)], server_argv, dict(base, DMLC_ROLE="server")))
+    for i in range(num_workers):
+        procs.append(Proc("worker", i, hosts[i % len(hosts)], list(command), dict(base, DMLC_ROLE="worker")))
+    for p in procs:
+        p.env["DMLC_NODE_HOST"] = p.host if p.host not in ("localhost", "") else "127.0.0.1"
+        if p.role != "worker":  # servers only sum gradients and run the optimizer: keep them off the cores
+            p.env.setdefault("OMP_NUM_THREADS", "1")
+    return procs
+
+
+def remote_argv(proc: Proc, ssh: str) -> List[str]:
+    """``ssh HOST 'cd CWD && env K=V ... CMD'`` for a remote host; the local command otherwise."""
+    if proc.host in LOCAL_HOSTS:
+        return proc.argv
+    env = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(proc.env.items()))
+    inner = f"cd {shlex.quote(os.getcwd())} && env {env} {shlex.join(proc.argv)}"
+    return shlex.split(ssh) + [proc.host, inner]
+
+
+def _stop(procs: Sequence[Proc], grace: float) -> None:
+    """SIGTERM every live process group, SIGKILL what is left after ``grace`` seconds; reap them all."""
+    live = [p for p in procs if p.popen is not None and p.popen.poll() is None]
+    for p in live:
+        _signal_group(p.popen, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and any(p.popen.poll() is None for p in live):
+        time.sleep(0.05)
+    for p in live:
+        if p.popen.poll() is None:
+            _signal_group(p.popen, signal.SIGKILL)
+    for p in procs:
+        if p.popen is not None:
+            try:
+                p.popen.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                pass
+
+
+def _signal_group(popen: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(popen.pid, sig)  # each role runs in its own process group (start_new_session)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def run(procs: List[Proc], ssh: str = "ssh -o BatchMode=yes", grace: float = 5.0, timeout: float = 0) -> int:
+    """Start ``procs``, wait for the workers, stop everything. Returns 0; raises ToolkitError naming the process
+    that failed (all others stopped first)."""
+    started = time.monotonic()
+    prev = signal.getsignal(signal.SIGTERM)
+
+    def _on_term(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        signal.signal(signal.SIGTERM, _on_term)
+    except ValueError:  # not the main thread: rely on the caller
+        prev = None
+    try:
+        for p in procs:
+            argv = remote_argv(p, ssh)
+            env = dict(os.environ, **p.env) if p.host in LOCAL_HOSTS else None
+            try:
+                p.popen = subprocess.Popen(argv, env=env, start_new_session=True)
+            except OSError as exc:
+                raise ToolkitError(f"cannot start {p.label} ({shlex.join(argv[:3])} ...): {exc}") from None
+            print(f"launch: started {p.label} on {p.host or '127.0.0.1'} pid {p.popen.pid}", file=sys.stderr,
+                  flush=True)
+        workers = [p for p in procs if p.role == "worker"]
+        while True:
+            for p in procs:
+                rc = p.popen.poll()
+                if rc is not None and rc != 0:
+                    how = f"was killed by signal {-rc}" if rc < 0 else f"exited with code {rc}"
+                    raise ToolkitError(f"{p.label} (pid {p.popen.pid}, host {p.host or '127.0.0.1'}) {how}; "
+                                       f"stopped the other processes")
+            if all(p.popen.poll() == 0 for p in workers):
+                break
+            if timeout and time.monotonic() - started > timeout:
+                raise ToolkitError(f"--timeout: workers still running after {timeout:g} s; stopped all processes")
+            time.sleep(POLL_S)
+        # the workers finished: scheduler and servers leave on their own shortly after
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and any(p.popen.poll() is None for p in procs):
+            time.sleep(0.05)
+        print(f"launch: {len(workers)} worker(s) finished in {time.monotonic() - started:.1f} s", file=sys.stderr)
+        return 0
+    finally:
+        _stop(procs, grace)
+        if prev is not None:
+            signal.signal(signal.SIGTERM, prev)
+
+
+def _parse_env(items: Sequence[str]) -> Dict[str, str]:
+    env = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ToolkitError(f"--env {item!r}: expected KEY=VALUE")
+        env[key] = value
+    return env
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    command = check_command(args.command)
+    hosts = read_hosts(args.hosts) if args.hosts else ["127.0.0.1"]
+    num_workers = args.num_workers if args.num_workers is not None else len(hosts)
+    num_servers = args.num_servers if args.num_servers is not None else num_workers
+    if num_workers < 1:
+        raise ToolkitError(f"--num-workers: must be >= 1, got {num_workers}")
+    if num_servers < 1:
+        raise ToolkitError(f"--num-servers: must be >= 1, got {num_servers}")
+    if not 0 <= args.port < 65536:
+        raise ToolkitError(f"--port: must be in 0..65535, got {args.port}")
+    port = args.port or (free_port() if hosts[0] in LOCAL_HOSTS else 9091)
+    procs = plan(command, num_workers, num_servers, hosts, port, _parse_env(args.env), args.interface)
+    if args.dry_run:
+        for p in procs:
+            env = " ".join(f"{k}={v}" for k, v in sorted(p.env.items()))
+            local = p.host in LOCAL_HOSTS
+            print(f"# {p.label} on {p.host}\n" + (f"env {env} {shlex.join(p.argv)}" if local
+                                                   else shlex.join(remote_argv(p, args.ssh))))
+        return 0
+    return run(procs, ssh=args.ssh, grace=args.grace, timeout=args.timeout)
+
+
+def cli() -> None:
+    sys.exit(run_cli(main))
+
+
+if __name__ == "__main__":
+    cli()
