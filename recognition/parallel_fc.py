@@ -202,6 +202,17 @@ class ModuleShard:
         arg, _ = self.module.get_params()
         return [arg[n] for n in self.names]
 
+    def get_state(self, j: int) -> Optional[mx.nd.NDArray]:
+        """Optimizer state (momentum) of parameter ``j`` (0 weight, 1 bias), None before the first update."""
+        upd = self.module._updater
+        state = upd.states.get(j) if upd is not None else None
+        return state if isinstance(state, mx.nd.NDArray) else None
+
+    def set_state(self, j: int, state: mx.nd.NDArray) -> None:
+        upd = self.module._updater
+        upd.states[j] = state.as_in_context(self.ctx).copy()
+        upd.states_synced[j] = True
+
     def memory_bytes(self) -> int:
         """Bytes of weights, gradients, outputs and optimizer states this shard holds (MXNet workspace excluded)."""
         exe = self.module._exec_group.execs[0]
@@ -250,7 +261,9 @@ class SampledShard:
         self.bank[0][:] = weight.as_in_context(self.ctx)
         if len(self.bank) > 1 and bias is not None:
             self.bank[1][:] = bias.as_in_context(self.ctx)
-        self.states = [None] * len(self.names)
+        for state in self.states:  # new rows: their momentum starts again
+            if state is not None:
+                state[:] = 0
 
     def init_optimizer(self, optimizer: str, optimizer_params: dict) -> None:
         sym = shard_symbol(self.num_sample, self.emb_size, self.loss_cfg, self.names)
@@ -300,6 +313,13 @@ class SampledShard:
 
     def get_rows(self) -> List[mx.nd.NDArray]:
         return [b.copy() for b in self.bank]
+
+    def get_state(self, j: int) -> Optional[mx.nd.NDArray]:
+        return self.states[j]
+
+    def set_state(self, j: int, state: mx.nd.NDArray) -> None:
+        if self.states[j] is not None:
+            self.states[j][:] = state.as_in_context(self.ctx)
 
     def memory_bytes(self) -> int:
         arrays = list(self.bank) + [s for s in self.states if s is not None]
@@ -400,6 +420,27 @@ class ModelParallelFC:
         return {name: mx.nd.concat(*[r[j].as_in_context(mx.cpu()) for r in rows], dim=0)
                 for j, name in enumerate(self.param_names)}
 
+    def get_states(self) -> Dict[str, mx.nd.NDArray]:
+        """Optimizer states (momentum) reassembled per full parameter name (CPU); parameters without one left out."""
+        out = {}
+        for j, name in enumerate(self.param_names):
+            states = [shard.get_state(j) for shard in self.shards]
+            if all(st is not None for st in states):
+                out[name] = mx.nd.concat(*[st.as_in_context(mx.cpu()) for st in states], dim=0)
+        return out
+
+    def set_states(self, states: Dict[str, mx.nd.NDArray]) -> int:
+        """Split full-size states (``{'fc7_weight': (C, E)}``) into the shards; returns how many were set."""
+        count = 0
+        for j, name in enumerate(self.param_names):
+            state = states.get(name)
+            if not isinstance(state, mx.nd.NDArray) or state.shape[0] != self.num_classes:
+                continue
+            for shard, (lo, hi) in zip(self.shards, self.ranges):
+                shard.set_state(j, state[lo:hi])
+            count += 1
+        return count
+
     def memory_bytes(self) -> List[int]:
         """Per device: bytes of the fc7 arrays held (weights, gradients, logits, optimizer states)."""
         return [shard.memory_bytes() for shard in self.shards]
@@ -444,8 +485,34 @@ class ParallelModule:
         """Backbone optimizer through ``kvstore`` (summing the per-device gradients), one per fc7 shard."""
         params = dict(optimizer_params or {})
         params["rescale_grad"] = 1.0  # out_grads are already of the mean loss over the global batch
-        self.backbone.init_optimizer(kvstore=kvstore, optimizer=optimizer, optimizer_params=params, force_init=True)
-        self.fc.init_optimizer(optimizer, dict(fc7_optimizer_params or params))
+        if isinstance(optimizer, mx.optimizer.Optimizer):  # e.g. with per-parameter multipliers set by the trainer
+            optimizer.rescale_grad = 1.0
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                self.backbone.init_optimizer(kvstore=kvstore, optimizer=optimizer, force_init=True)
+            name = type(optimizer).__name__.lower()
+        else:
+            self.backbone.init_optimizer(kvstore=kvstore, optimizer=optimizer, optimizer_params=params,
+                                         force_init=True)
+            name = optimizer
+        self.fc.init_optimizer(name, dict(fc7_optimizer_params or params))
+
+    def set_lr(self, lr: float) -> None:
+        """Learning rate of the backbone and every fc7 shard (their multipliers apply on top)."""
+        self.backbone._optimizer.lr = lr
+        for shard in self.fc.shards:
+            opt = shard.optimizer if isinstance(shard, SampledShard) else shard.module._optimizer
+            opt.lr = lr
+
+    def set_params(self, arg_params: dict, aux_params: dict, allow_missing: bool = False,
+                   allow_extra: bool = True) -> None:
+        """Backbone parameters and the full fc7 (split into the shards) from one dict, as Module.set_params."""
+        self.backbone.set_params(arg_params, aux_params, allow_missing=allow_missing, allow_extra=True)
+        fc7 = {k: v for k, v in arg_params.items() if k in self.fc.param_names}
+        if fc7:
+            for shard, (lo, hi) in zip(self.fc.shards, self.fc.ranges):
+                rows = [fc7[n][lo:hi].as_in_context(shard.ctx) for n in self.fc.param_names if n in fc7]
+                shard.set_rows(*rows)
 
     def forward_backward(self, batch: mx.io.DataBatch) -> Tuple[np.ndarray, np.ndarray]:
         """``batch.data[0]`` (B, 3, H, W), ``batch.label[0]`` (B,) -> per-sample loss (B,), prediction (B,)."""
@@ -453,6 +520,7 @@ class ParallelModule:
         emb = self.backbone.get_outputs(merge_multi_context=True)[0]
         loss, pred, grad = self.fc.forward_backward(emb, batch.label[0])
         self.backbone.backward(out_grads=[grad])
+        self.last_loss, self.last_pred = loss, pred
         return loss, pred
 
     def update(self) -> None:
