@@ -1,0 +1,191 @@
+"""Train with the classifier split across devices (model-parallel fc7) and optional Partial FC.
+
+Same flags as ``train.py`` (the shared ``recognition.args`` groups) plus ``--sample-ratio``. The backbone runs
+data-parallel over ``--ctx``; fc7 is split by class across the same devices (:mod:`recognition.parallel_fc`).
+Checkpoints hold the full ``fc7_weight`` under its usual name, so they load in ``train.py`` and back.
+
+Examples::
+
+    python recognition/train_parall.py --network r100 --loss arcface --dataset emore --ctx gpu:0,gpu:1
+    python recognition/train_parall.py --network tiny --data-dir data/synth_A --ctx cpu:0,cpu:1 --sample-ratio 0.3
+
+Multi-machine training uses ``train.py`` with ``--kvstore dist_sync`` under ``python -m recognition.launch``.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Optional, Sequence
+
+import mxnet as mx
+
+from recognition.common import ToolkitError, run_cli
+from recognition.trainer import Trainer, prepare_run
+
+logger = logging.getLogger("recognition")
+
+LOCAL_KVSTORES = ("device", "local")
+
+
+def build_argparser() -> argparse.ArgumentParser:
+    """train.py's parser plus the model-parallel group."""
+    from recognition.train import build_argparser as train_parser
+
+    parser = train_parser(prog="train_parall.py")
+    parser.description = (__doc__ or "").split("\n\n")[0]
+    g = parser.add_argument_group("model parallel")
+    g.add_argument("--sample-ratio", type=float, default=None,
+                   help="Partial FC: fraction of each shard's classes used per step (positives always), 0 < r <= 1")
+    return parser
+
+
+def check_parallel_config(cfg) -> None:
+    """One-line errors for what the model-parallel trainer cannot do."""
+    ratio = cfg.get("sample_ratio")
+    if ratio is not None and not 0.0 < float(ratio) <= 1.0:
+        raise ToolkitError(f"--sample-ratio: must be in (0, 1], got {ratio}")
+    kv = cfg.get("kvstore") or "device"
+    if kv not in LOCAL_KVSTORES:
+        if str(kv).startswith("dist"):
+            raise ToolkitError(f"--kvstore {kv}: train_parall.py splits fc7 over this machine's devices only; for "
+                               f"several machines run train.py --kvstore {kv} under python -m recognition.launch")
+        raise ToolkitError(f"--kvstore {kv}: unknown kvstore; train_parall.py accepts {', '.join(LOCAL_KVSTORES)}")
+
+
+class _LR:
+    """``opt.lr = x`` as the trainer writes it, forwarded to the backbone's and every shard's optimizer."""
+
+    def __init__(self, pmod):
+        object.__setattr__(self, "_pmod", pmod)
+
+    def __setattr__(self, key, value):
+        if key != "lr":
+            raise AttributeError(key)
+        self._pmod.set_lr(value)
+
+
+class ParallelTrainer(Trainer):
+    """:class:`recognition.trainer.Trainer` with its Module replaced by a :class:`ParallelModule`.
+
+    Everything else (data, stages, verification, ``--ckpt``, checkpoints, resume state, metrics) is the
+    trainer's; the ParallelModule answers ``forward_backward``/``update``/``get_params``/``set_params`` like a
+    Module, with the full fc7 under its own name.
+    """
+
+    def _make_module(self, stage_idx: int, arg: dict, aux: dict):
+        from recognition.freeze import freeze_batchnorm, param_multipliers, stage_plan
+
+        cfg, plan = self.cfg, self.plan
+        stage = plan.stages[stage_idx]
+        fixed, frozen_bn = stage_plan(self.embedding_symbol, stage, self.stage_table, int(cfg.frozen_stages or 0),
+                                      self.fc7_name, cfg.bn_mode)
+        embedding = freeze_batchnorm(self.embedding_symbol, frozen_bn)
+        ratio = float(cfg.get("sample_ratio") or 1.0)
+        pmod = _resumable_class()(embedding, plan.num_classes, plan.loss_cfg, self.ctx, plan.batch_size,
+                                  data_shape=(3,) + tuple(cfg.image_size), sample_ratio=ratio,
+                                  fc7_name=self.fc7_name, fixed_param_names=fixed, seed=int(cfg.seed or 0))
+        fc7 = {k: v for k, v in arg.items() if k in pmod.fc.param_names}
+        pmod.init_params(arg_params=arg or None, aux_params=aux or None, fc7=fc7 or None,
+                         seed=int(cfg.seed or 0))
+        opt = mx.optimizer.SGD(learning_rate=cfg.lr, momentum=cfg.mom, wd=cfg.wd, rescale_grad=1.0)
+        wanted = [n for n in embedding.list_arguments() if n != "data"]
+        lr_mult, wd_mult = param_multipliers(wanted, self.fc7_name, float(cfg.fc7_lr_mult), float(cfg.fc7_wd_mult),
+                                             float(cfg.backbone_lr_mult), bool(cfg.bn_wd),
+                                             attr_dict=embedding.attr_dict())
+        opt.set_lr_mult(lr_mult)
+        opt.set_wd_mult(wd_mult)
+        # fc7 shards: lr/wd multipliers come from loss_cfg (the shard graphs carry them as attributes)
+        pmod.init_optimizer(kvstore=cfg.kvstore or "device", optimizer=opt,
+                            fc7_optimizer_params=dict(learning_rate=cfg.lr, momentum=cfg.mom, wd=cfg.wd))
+        self.trained = (set(wanted) - set(fixed)) | set(pmod.fc.param_names)
+        if self.opt_states:  # resume: install once; the trainer's own hook expects a Module
+            _set_states(pmod, self.opt_states, self.trained)
+            self.opt_states = None
+        logger.info("stage %s: %d backbone parameters train, %d fixed, %d BatchNorms frozen; fc7 %s over %d "
+                    "device(s)%s", stage.name, len(set(wanted) - set(fixed)), len(fixed), len(frozen_bn),
+                    "x".join(map(str, (plan.num_classes, pmod.emb_size))), len(self.ctx),
+                    f", sample ratio {ratio:g}" if ratio < 1 else "")
+        return pmod, _LR(pmod)
+
+    def _switch(self, stage_idx: int) -> None:
+        arg, aux = self.module.get_params()
+        states = _get_states(self.module)
+        before = set(self.trained)
+        self.module, self.opt = self._make_module(stage_idx, arg, aux)
+        _set_states(self.module, states, before & self.trained)
+        self.stage_idx = stage_idx
+
+    def _batch_metrics(self, batch):
+        label = batch.label[0].asnumpy().astype("int64")
+        loss = float(self.module.last_loss.mean())
+        acc = float((self.module.last_pred == label).mean())
+        return loss, acc, {}
+
+
+def _get_states(pmod) -> dict:
+    from recognition.callbacks import get_optimizer_states
+
+    states = dict(get_optimizer_states(pmod.backbone) or {})
+    states.update(pmod.fc.get_states())
+    return states
+
+
+def _set_states(pmod, states: dict, names) -> None:
+    from recognition.callbacks import set_optimizer_states
+
+    set_optimizer_states(pmod.backbone, {k: v for k, v in states.items() if k in names})
+    pmod.fc.set_states({k: v for k, v in states.items() if k in names})
+
+
+class _NamedStates:
+    """An updater look-alike: ``states`` keyed by parameter name (``callbacks.get_optimizer_states`` accepts it)."""
+
+    def __init__(self, states: dict):
+        self.states = states
+
+
+class _NoIndex:
+    idx2name: dict = {}
+
+
+def _resumable_class():
+    """ParallelModule whose optimizer states ``callbacks.save_resume`` can read (it looks at a Module's updater):
+    fc7 momentum reassembled under ``fc7_weight``, so a resume state moves between train.py and this script."""
+    from recognition.parallel_fc import ParallelModule
+
+    class ResumableParallelModule(ParallelModule):
+        _update_on_kvstore = False
+        _optimizer = _NoIndex()
+
+        @property
+        def _updater(self):
+            return _NamedStates(_get_states(self))
+
+    return ResumableParallelModule
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from recognition.heads import CLASSIFICATION_LOSSES
+    from recognition.train import config_from_args, report
+
+    args = build_argparser().parse_args(argv)
+    cfg = config_from_args(args)
+    check_parallel_config(cfg)
+    if cfg.loss not in CLASSIFICATION_LOSSES:
+        raise ToolkitError(f"--loss {cfg.loss}: train_parall.py needs a classification loss "
+                           f"({', '.join(CLASSIFICATION_LOSSES)}); use train.py for triplet losses")
+    plan = prepare_run(cfg)
+    from recognition.parallel_fc import split_classes
+
+    split_classes(plan.num_classes, len(plan.ctx))  # more devices than classes: fail before building anything
+    report(ParallelTrainer(cfg, plan).fit())
+    return 0
+
+
+def cli() -> None:
+    sys.exit(run_cli(main))
+
+
+if __name__ == "__main__":
+    cli()
