@@ -183,6 +183,11 @@ def build_parser(description: str, legacy: bool = False, prog: Optional[str] = N
     add_optim_args(parser)
     add_finetune_args(parser)
     add_run_args(parser)
+    from recognition.distill import add_distill_args
+    from recognition.triplet_mining import add_mining_args
+
+    add_mining_args(parser)  # flags owned by the strategy modules
+    add_distill_args(parser)
     return parser
 
 

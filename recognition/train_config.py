@@ -105,6 +105,13 @@ default.backbone_lr_mult = 1.0
 default.bn_mode = "train"
 default.bn_wd = False
 default.eval_pretrained = False
+# triplet refinement with offline mining (recognition.triplet_mining) and distillation (recognition.distill)
+default.mining_interval = 0
+default.bag_identities = 20
+default.teacher = None
+default.distill_loss = None
+default.distill_weight = None
+default.teacher_cache = None
 
 
 def base_tree() -> edict:

@@ -93,7 +93,7 @@ def prepare_run(cfg) -> edict:
     ``batch_size``, ``max_total`` (last step or None).
     """
     from recognition.freeze import parse_stages
-    from recognition.heads import TRIPLET_LOSSES, make_loss_config
+    from recognition.heads import TRIPLET_LOSSES
     from recognition.rec import read_property
 
     plan = edict()
@@ -101,7 +101,12 @@ def prepare_run(cfg) -> edict:
     check_positive(cfg, ["per_batch_size", "frequent", "verbose", "end_epoch"])
     if cfg.lr is None or cfg.lr < 0:
         raise ToolkitError(f"--lr: must be >= 0, got {cfg.lr}")
-    plan.loss_cfg = make_loss_config(cfg.loss, **cfg.loss_kwargs)
+    from recognition.distill import loss_config, plan_distill
+    from recognition.triplet_mining import uses_offline_mining
+
+    plan.loss_cfg = loss_config(cfg)  # make_loss_config, or --loss none (pure distillation)
+    plan.mining = uses_offline_mining(cfg, plan.loss_cfg)
+    plan.distill = plan_distill(cfg, plan)  # None without --teacher
     plan.resume = cb.read_resume_state(cfg.resume) if cfg.get("resume") else None
     plan.pretrained = None
     if cfg.get("pretrained") and not plan.resume:
@@ -128,7 +133,8 @@ def prepare_run(cfg) -> edict:
         raise ToolkitError(f"--ckpt {cfg.ckpt}: choose 0, 1, 2 or 3")
     if int(cfg.get("keep") or 0) < 0:
         raise ToolkitError(f"--keep {cfg.keep}: must be >= 0 (0 keeps every checkpoint)")
-    if plan.loss_cfg.loss in TRIPLET_LOSSES and cfg.per_batch_size % plan.loss_cfg.images_per_identity:
+    if plan.loss_cfg.loss in TRIPLET_LOSSES and not plan.mining and \
+            cfg.per_batch_size % plan.loss_cfg.images_per_identity:
         raise ToolkitError(f"--per-batch-size {cfg.per_batch_size}: must be a multiple of images_per_identity "
                            f"{plan.loss_cfg.images_per_identity} for {plan.loss_cfg.loss}")
     plan.batch_size = int(cfg.per_batch_size) * len(plan.ctx)
@@ -216,6 +222,10 @@ class Trainer:
                                   emb_size=cfg.get("emb_size"), num_classes=plan.num_classes,
                                   fc7_name=self.fc7_name, reset_fc7=bool(cfg.reset_fc7),
                                   allow_missing=bool(cfg.allow_missing), prelu=cfg.get("prelu") or "fast")
+            if plan.loss_cfg.loss in ("triplet", "atriplet", "none"):  # no classifier to take fc7 into
+                from recognition.triplet_mining import drop_classifier
+
+                drop_classifier(pre, plan.loss_cfg.loss)
             logger.info("load report:\n%s", pre.report.format())
             pre.report.save(plan.run_dir)
             self.embedding_symbol = pre.embedding_symbol
@@ -227,8 +237,18 @@ class Trainer:
 
             self.embedding_symbol = get_symbol(cfg.network, emb_size=cfg.get("emb_size"),
                                                prelu=cfg.get("prelu") or "fast")
-        self.train_symbol, self.head_info = build_train_symbol(self.embedding_symbol, plan.num_classes,
-                                                               plan.loss_cfg, self.fc7_name)
+        if plan.get("distill"):
+            from recognition.distill import build_distill_symbol
+
+            self.train_symbol, self.head_info = build_distill_symbol(self.embedding_symbol, plan.num_classes,
+                                                                     plan.loss_cfg, self.fc7_name, plan.distill)
+        elif plan.get("mining"):
+            from recognition.triplet_mining import offline_triplet_symbol
+
+            self.train_symbol, self.head_info = offline_triplet_symbol(self.embedding_symbol, plan.loss_cfg)
+        else:
+            self.train_symbol, self.head_info = build_train_symbol(self.embedding_symbol, plan.num_classes,
+                                                                   plan.loss_cfg, self.fc7_name)
         self._random_graph = _has_random_ops(self.train_symbol)
         from recognition.freeze import stage_table_for
 
@@ -240,14 +260,20 @@ class Trainer:
         from recognition.image_iter import FaceImageIter
 
         cfg, plan = self.cfg, self.plan
+        if plan.get("mining"):
+            from recognition.triplet_mining import make_mining_iter
+
+            self.data = make_mining_iter(cfg, plan)
+            return
         ipi = plan.loss_cfg.images_per_identity if plan.loss_cfg.loss in TRIPLET_LOSSES else 0
-        self.data = FaceImageIter(os.path.join(plan.data_dir, "train.rec"), plan.batch_size,
-                                  data_shape=(3,) + tuple(cfg.image_size), shuffle=True,
-                                  rand_mirror=bool(cfg.data_rand_mirror), cutoff=int(cfg.data_cutoff or 0),
-                                  color_jitter=float(cfg.data_color or 0),
-                                  images_filter=int(cfg.data_images_filter or 0),
-                                  num_workers=int(cfg.num_workers), seed=int(cfg.seed or 0),
-                                  images_per_identity=ipi)
+        make_iter = plan.distill.make_iter if plan.get("distill") else FaceImageIter  # + teacher_emb labels
+        self.data = make_iter(os.path.join(plan.data_dir, "train.rec"), plan.batch_size,
+                              data_shape=(3,) + tuple(cfg.image_size), shuffle=True,
+                              rand_mirror=bool(cfg.data_rand_mirror), cutoff=int(cfg.data_cutoff or 0),
+                              color_jitter=float(cfg.data_color or 0),
+                              images_filter=int(cfg.data_images_filter or 0),
+                              num_workers=int(cfg.num_workers), seed=int(cfg.seed or 0),
+                              images_per_identity=ipi)
 
     def _restore(self, doc: dict) -> None:
         self.step, self.msave = int(doc["step"]), int(doc["msave"])
@@ -269,10 +295,11 @@ class Trainer:
         fixed, frozen_bn = stage_plan(self.train_symbol, stage, self.stage_table, int(cfg.frozen_stages or 0),
                                       self.fc7_name, cfg.bn_mode)
         symbol = freeze_batchnorm(self.train_symbol, frozen_bn)
-        mod = mx.mod.Module(symbol, data_names=["data"], label_names=["softmax_label"], context=self.ctx,
+        inputs = ["data"] + [d.name for d in self.data.provide_label]  # softmax_label (+ teacher_emb)
+        mod = mx.mod.Module(symbol, data_names=["data"], label_names=inputs[1:], context=self.ctx,
                             fixed_param_names=fixed)
         mod.bind(data_shapes=self.data.provide_data, label_shapes=self.data.provide_label, for_training=True)
-        wanted = [n for n in symbol.list_arguments() if n not in ("data", "softmax_label")]
+        wanted = [n for n in symbol.list_arguments() if n not in inputs]
         missing = [n for n in wanted if n not in arg] + \
             [n for n in symbol.list_auxiliary_states() if n not in aux]
         if missing and (arg or aux):
@@ -438,6 +465,10 @@ class Trainer:
         if self.opt_states:
             cb.set_optimizer_states(self.module, self.opt_states, names=self.trained)
         self._last_round = (-1, False)
+        if hasattr(self.data, "attach"):  # offline triplet mining embeds its bags with the current model
+            from recognition.triplet_mining import trainer_embedder
+
+            self.data.attach(lambda: trainer_embedder(self), self.metrics)
         if not plan.resume:
             self._init_fc7()
             if cfg.eval_pretrained and self.verifier:
