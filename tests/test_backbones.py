@@ -162,13 +162,20 @@ def test_gluon_pretrained_absent_names_where_it_looked(tmp_path, monkeypatch):
     msg = str(err.value)
     assert os.path.join(str(tmp_path), "models") in msg and "nothing is downloaded" in msg
     assert not os.listdir(tmp_path)  # nothing fetched or created
+    from recognition.backbones import load_imagenet_params
+
+    with pytest.raises(ToolkitError, match="ImageNet weights not found at"):
+        load_imagenet_params("gluon:mobilenetv2_1.0")
+    with pytest.raises(ToolkitError, match="only for gluon:NAME"):
+        load_imagenet_params("r50")
 
 
 def test_gluon_imagenet_params_load_under_symbol_names(tmp_path, monkeypatch):
     """A weights file placed in the local store loads under our names and reproduces gluon's features."""
     from gluoncv.model_zoo import get_model, model_store
 
-    from recognition.backbones.gluon_zoo import features_symbol, load_imagenet_params
+    from recognition.backbones import load_imagenet_params
+    from recognition.backbones.gluon_zoo import features_symbol
 
     model = "mobilenetv2_0.25"
     monkeypatch.setenv("MXNET_HOME", str(tmp_path))

@@ -99,4 +99,17 @@ def get_stages(name: str) -> List[Tuple[str, str]]:
     return spec.stages(name)
 
 
-__all__ = ["NETWORKS", "NetworkSpec", "default_emb_size", "get_stages", "get_symbol", "list_networks"]
+def load_imagenet_params(name: str):
+    """``(arg_params, aux_params)`` of gluoncv's ImageNet weights for ``gluon:NAME``, keyed by the names of
+    ``get_symbol('gluon:NAME')`` (feature layers only), from the local model store; nothing is downloaded.
+    Raises :class:`ToolkitError` naming the path it looked at when the file is absent.
+    """
+    if not (isinstance(name, str) and name.startswith(GLUON_PREFIX)):
+        raise ToolkitError(f"--network {name!r}: ImageNet weights exist only for gluon:NAME networks")
+    from recognition.backbones import gluon_zoo
+
+    return gluon_zoo.load_imagenet_params(name)
+
+
+__all__ = ["NETWORKS", "NetworkSpec", "default_emb_size", "get_stages", "get_symbol", "list_networks",
+           "load_imagenet_params"]

@@ -55,7 +55,7 @@ def _feature_blocks(net) -> list:
 
 
 def _rename(sym: mx.sym.Symbol, old_prefix: str, new_prefix: str) -> mx.sym.Symbol:
-    """Rename Gluon parameter variables: prefix made stable, ``running_*`` -> ``moving_*``, PReLU ``alpha`` -> ``gamma``."""
+    """Rename Gluon's variables: stable prefix, ``running_*`` -> ``moving_*``, PReLU ``alpha`` -> ``gamma``."""
     graph = json.loads(sym.tojson())
     for node in graph["nodes"]:
         node["name"] = _stable_name(node["name"], old_prefix, new_prefix)

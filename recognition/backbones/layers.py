@@ -9,6 +9,7 @@ from typing import Tuple
 
 import mxnet as mx
 
+from recognition.backbones.fast_prelu import fast_prelu
 from recognition.common import ToolkitError
 
 BN_EPS = 2e-5  # fresnet, vargfacenet and every fc1
@@ -31,7 +32,7 @@ def check_prelu_mode(prelu: str) -> str:
 def prelu(data: mx.sym.Symbol, name: str, num_channels: int, mode: str = "fast") -> mx.sym.Symbol:
     """Per-channel PReLU ``y = max(x, 0) + gamma * min(x, 0)`` with the slope variable ``NAME_gamma`` of shape (C,).
 
-    Inputs: ``data`` (N, C, H, W) or (N, C). Outputs: same shape.
+    Inputs: ``data`` (N, C, H, W). Outputs: same shape.
 
     ``mode='stock'`` is MXNet's ``LeakyReLU(act_type='prelu')``. ``mode='fast'`` is the same function and the same
     parameter (checkpoints load into either) written with operators whose backward pass is fast on CPU; see
@@ -40,8 +41,6 @@ def prelu(data: mx.sym.Symbol, name: str, num_channels: int, mode: str = "fast")
     if mode == "stock":
         gamma = mx.sym.var(name + "_gamma", shape=(num_channels,), init=mx.init.Constant(0.25))
         return mx.sym.LeakyReLU(data=data, gamma=gamma, act_type="prelu", name=name)
-    from recognition.backbones.fast_prelu import fast_prelu
-
     return fast_prelu(data, name, num_channels)
 
 
