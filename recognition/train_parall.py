@@ -85,6 +85,7 @@ class ParallelTrainer(Trainer):
         pmod = _resumable_class()(embedding, plan.num_classes, plan.loss_cfg, self.ctx, plan.batch_size,
                                   data_shape=(3,) + tuple(cfg.image_size), sample_ratio=ratio,
                                   fc7_name=self.fc7_name, fixed_param_names=fixed, seed=int(cfg.seed or 0))
+        arg, aux = self._complete_params(arg, aux)
         fc7 = {k: v for k, v in arg.items() if k in pmod.fc.param_names}
         pmod.init_params(arg_params=arg or None, aux_params=aux or None, fc7=fc7 or None,
                          seed=int(cfg.seed or 0))
@@ -107,6 +108,22 @@ class ParallelTrainer(Trainer):
                     "x".join(map(str, (plan.num_classes, pmod.emb_size))), len(self.ctx),
                     f", sample ratio {ratio:g}" if ratio < 1 else "")
         return pmod, _LR(pmod)
+
+    def _complete_params(self, arg: dict, aux: dict):
+        """Initialise what ``arg``/``aux`` lack exactly as train.py's Module would (same initializer, same
+        parameter order, so the same random draws): a fresh run starts from the same weights in both scripts.
+        The full fc7 is materialised once on the CPU for this; it is split right after."""
+        names = [n for n in self.train_symbol.list_arguments() if n not in ("data", "softmax_label")]
+        if all(n in arg for n in names) and all(n in aux for n in self.train_symbol.list_auxiliary_states()):
+            return arg, aux
+        shape = (self.plan.batch_size, 3) + tuple(self.cfg.image_size)
+        mod = mx.mod.Module(self.train_symbol, data_names=["data"], label_names=["softmax_label"],
+                            context=mx.cpu())
+        mod.bind(data_shapes=[("data", shape)], label_shapes=[("softmax_label", shape[:1])], for_training=False)
+        init = mx.init.Xavier(rnd_type="gaussian", factor_type="out", magnitude=2)
+        mod.init_params(init, arg_params=arg or None, aux_params=aux or None, allow_missing=True, allow_extra=True)
+        full_arg, full_aux = mod.get_params()
+        return dict(full_arg), dict(full_aux)
 
     def _switch(self, stage_idx: int) -> None:
         arg, aux = self.module.get_params()
