@@ -262,6 +262,10 @@ def resolve_config(cli: dict, config_file: Optional[str] = None, sets: Iterable[
     flat.update(file_flat)
     flat.update(given)
     flat.update(set_flat)
+    if flat.get("pretrained") and not base and not any("emb_size" in layer for layer in (set_flat, given, file_flat)):
+        # no --emb-size: the checkpoint's width wins over the network section's default (r100 says 512; taking it
+        # would re-create a 128-d checkpoint's embedding layer and throw its training away)
+        flat.emb_size = None
     flat.network, flat.dataset, flat.loss = net, ds, loss_name
     fields = set(LossConfig.__dataclass_fields__) - {"loss"}
     flat.loss_kwargs = {k: flat[k] for k in fields if k in flat and flat[k] is not None}

@@ -183,3 +183,27 @@ def test_config_file_and_set_override_defaults(tmp_path):
     assert (cfg.lr, cfg.wd, cfg.mom, cfg.loss_kwargs["margin_m"]) == (0.01, 0.001, 0.5, 0.45)
     cfg = resolve_config({"loss": "triplet"}, None, ["loss.triplet.triplet_alpha=0.2"])
     assert cfg.per_batch_size == 60 and cfg.loss_kwargs["triplet_alpha"] == 0.2
+
+
+def _emb_width(trainer):
+    return trainer.embedding_symbol.infer_shape(data=(1, 3, 112, 112))[1][0][1]
+
+
+def test_pretrained_without_emb_size_keeps_the_checkpoint_width(tiny_data, tmp_path):
+    """No --emb-size: a 64-d checkpoint stays 64-d (not r100's section default 512, nor tiny's 128)."""
+    assert run_cli(train.main, base_args(tiny_data, tmp_path / "pre", "--emb-size", "64", "--ckpt", "0",
+                                         "--target", "", steps=1)) == 0
+    pre = os.path.join(run_dir_of(tiny_data, tmp_path / "pre"), "model") + ",1"
+    d = os.path.dirname(tiny_data["rec"])
+    common = ["--data-dir", d, "--target", "", "--per-batch-size", "8", "--loss", "arcface", "--pretrained", pre]
+    for extra in ([], ["--network", "tiny"]):
+        t = make_trainer(common + extra + ["--prefix", str(tmp_path / ("ft%d" % len(extra)) / "model")])
+        assert t.cfg.emb_size is None and _emb_width(t) == 64
+        with open(os.path.join(t.plan.run_dir, "load_report.json")) as f:
+            report = json.load(f)
+        assert report["counts"]["reinitialised"] == 0 and report["counts"]["dropped"] == 0
+        _, arg0, _ = load_checkpoint(pre.split(",")[0], 1)
+        emb_w = [k for k in arg0 if arg0[k].ndim == 2 and arg0[k].shape[0] == 64]
+        assert emb_w and all(np.array_equal(t.arg_params[k].asnumpy(), arg0[k].asnumpy()) for k in emb_w)
+    t = make_trainer(common + ["--emb-size", "32", "--prefix", str(tmp_path / "ft32" / "model")])
+    assert _emb_width(t) == 32  # an explicit --emb-size still re-creates the embedding layer
