@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Recipes: bash run.sh NAME  (demo | finetune | mobilefacenet | train | test)
+# Recipes: bash run.sh NAME  (demo | finetune | mobilefacenet | train | strategies | test)
 # Paths and sizes come from environment variables (shown with their defaults in each recipe).
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -61,14 +61,19 @@ recipe_train() {
     --per-batch-size "${PER_BATCH_SIZE:-128}" --models-root "${MODELS_ROOT:-./models}" "$@"
 }
 
+recipe_strategies() {
+  # Evidence table: linear probe / head-only / two-stage / full fine-tuning at two data sizes (synthetic A -> B)
+  $PY benchmarks/strategies.py --out "${OUT:-/tmp/ifr_strategies}" "$@"
+}
+
 recipe_test() {
   $PY -m pytest -q tests "$@"
 }
 
 name=${1:-}
-[ -n "$name" ] || { echo "usage: bash run.sh {demo|finetune|mobilefacenet|train|test} [extra flags]" >&2; exit 2; }
+[ -n "$name" ] || { echo "usage: bash run.sh {demo|finetune|mobilefacenet|train|strategies|test} [extra flags]" >&2; exit 2; }
 shift
 if ! declare -F "recipe_$name" >/dev/null; then
-  echo "error: unknown recipe '$name'; choose demo, finetune, mobilefacenet, train or test" >&2; exit 2
+  echo "error: unknown recipe '$name'; choose demo, finetune, mobilefacenet, train, strategies or test" >&2; exit 2
 fi
 "recipe_$name" "$@"
