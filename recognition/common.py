@@ -29,11 +29,24 @@ def run_cli(main: Callable[[Optional[Sequence[str]]], Optional[int]], argv: Opti
     return int(rc or 0)
 
 
+class _StderrHandler(logging.StreamHandler):
+    """A StreamHandler on whatever ``sys.stderr`` is now (not the one at creation, which a test harness may have
+    closed since: "--- Logging error ---" tracebacks)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
 def setup_logging(verbose: bool = True, log_file: Optional[str] = None) -> None:
     """Log to stderr (and to ``log_file``) with a timestamp, once per process."""
     root = logging.getLogger()
     if not any(getattr(h, "_ifr", False) for h in root.handlers):
-        handler = logging.StreamHandler()
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         handler._ifr = True  # type: ignore[attr-defined]
         root.addHandler(handler)
