@@ -49,17 +49,29 @@ class FaceImageIter(mx.io.DataIter):
         Seed of every random choice; None picks one (kept in ``get_state()``).
     images_per_identity : int
         K > 0: each batch holds B/K identities x K images (for triplet losses); B must be a multiple of K.
+    num_parts, part_index : int
+        Data-parallel workers (``kv.num_workers``, ``kv.rank``): the epoch order is drawn for the *global* batch
+        ``G = num_parts x B`` and part ``r`` yields rows ``[r*B, (r+1)*B)`` of each global batch (augmentation
+        included). The parts are disjoint within an epoch, their union is the whole epoch (less one partial
+        global batch), every part has the same number of batches, and together they see exactly what one
+        iterator with ``batch_size = G`` sees. ``get_state()`` cursors count global batches, so a state taken on
+        any part resumes every part (and a run with another ``num_parts`` but the same ``G``).
     """
 
     def __init__(self, path_imgrec: str, batch_size: int, data_shape: Sequence[int] = (3, 112, 112),
                  shuffle: bool = True, rand_mirror: bool = True, cutoff: int = 0, color_jitter: float = 0,
                  images_filter: int = 0, num_workers: int = 2, seed: Optional[int] = None,
-                 images_per_identity: int = 0, data_name: str = "data", label_name: str = "softmax_label"):
+                 images_per_identity: int = 0, data_name: str = "data", label_name: str = "softmax_label",
+                 num_parts: int = 1, part_index: int = 0):
         super().__init__(batch_size)
         if len(data_shape) != 3 or data_shape[0] != 3:
             raise ToolkitError(f"data_shape {tuple(data_shape)}: expected (3, H, W)")
         if batch_size < 1:
             raise ToolkitError(f"batch_size {batch_size}: must be >= 1")
+        if num_parts < 1 or not 0 <= part_index < num_parts:
+            raise ToolkitError(f"num_parts {num_parts}, part_index {part_index}: need 0 <= part_index < num_parts")
+        self.num_parts, self.part_index = int(num_parts), int(part_index)
+        self.global_batch = int(batch_size) * self.num_parts
         folder = os.path.dirname(os.path.abspath(path_imgrec))
         self.num_classes, _, _ = read_property(os.path.join(folder, "property"))
         self.reader = RecordReader(path_imgrec)
@@ -89,11 +101,12 @@ class FaceImageIter(mx.io.DataIter):
             order = np.argsort(ids, kind="stable")
             uniq, start, count = np.unique(ids[order], return_index=True, return_counts=True)
             self._id_members = [order[s:s + c] for s, c in zip(start, count)]
-            if len(uniq) < batch_size // self.images_per_identity:
+            if len(uniq) < self.global_batch // self.images_per_identity:
                 raise ToolkitError(f"{path_imgrec}: {len(uniq)} identities, fewer than the "
-                                   f"{batch_size // self.images_per_identity} a batch needs")
-        if self.num_images < batch_size and self.images_per_identity == 0:
-            raise ToolkitError(f"{path_imgrec}: {self.num_images} images, fewer than batch_size {batch_size}")
+                                   f"{self.global_batch // self.images_per_identity} a batch needs")
+        if self.num_images < self.global_batch and self.images_per_identity == 0:
+            parts = f" x {self.num_parts} parts" if self.num_parts > 1 else ""
+            raise ToolkitError(f"{path_imgrec}: {self.num_images} images, fewer than batch_size {batch_size}{parts}")
         self.seed = int(np.random.SeedSequence().entropy % (2 ** 31)) if seed is None else int(seed)
         self.data_name, self.label_name = data_name, label_name
         self.num_workers = max(0, int(num_workers))
@@ -120,14 +133,14 @@ class FaceImageIter(mx.io.DataIter):
 
     @property
     def num_batches(self) -> int:
-        """Batches per epoch."""
+        """Batches per epoch (the same for every part)."""
         if self.images_per_identity > 0:
-            return len(self._id_members) // (self.batch_size // self.images_per_identity)
-        return self.num_images // self.batch_size
+            return len(self._id_members) // (self.global_batch // self.images_per_identity)
+        return self.num_images // self.global_batch
 
     def _epoch_order(self, epoch: int) -> np.ndarray:
-        """Indices into the kept images for one epoch, length ``num_batches * B``."""
-        n_total = self.num_batches * self.batch_size
+        """Indices into the kept images for one epoch, length ``num_batches * G`` (all parts; same on each)."""
+        n_total = self.num_batches * self.global_batch
         if self.images_per_identity > 0:
             rng = np.random.default_rng([self.seed, epoch, 2])
             k = self.images_per_identity
@@ -142,7 +155,13 @@ class FaceImageIter(mx.io.DataIter):
         return np.random.default_rng([self.seed, epoch, 1]).permutation(self.num_images)[:n_total]
 
     def _batch_aug(self, epoch: int, batch: int) -> dict:
-        b, (_, h, w) = self.batch_size, self.data_shape
+        """Augmentation of this part's rows: drawn for the global batch, then sliced (parts = one big batch)."""
+        aug = self._global_aug(epoch, batch)
+        lo = self.part_index * self.batch_size
+        return {k: v[lo:lo + self.batch_size] for k, v in aug.items()}
+
+    def _global_aug(self, epoch: int, batch: int) -> dict:
+        b, (_, h, w) = self.global_batch, self.data_shape
         rng = np.random.default_rng([self.seed, epoch, batch, 3])
         aug = {"mirror": (rng.random(b) < 0.5) & self.rand_mirror}
         if self.cutoff > 0:
@@ -187,7 +206,8 @@ class FaceImageIter(mx.io.DataIter):
 
     def _submit(self, epoch: int, batch: int) -> tuple:
         b = self.batch_size
-        idx = self._order[batch * b:(batch + 1) * b]
+        lo = batch * self.global_batch + self.part_index * b
+        idx = self._order[lo:lo + b]
         aug = self._batch_aug(epoch, batch)
         dst = np.empty((b,) + self.data_shape, np.float32)
         if self._pool is None:
@@ -267,15 +287,28 @@ class FaceImageIter(mx.io.DataIter):
         self._order = self._epoch_order(self._epoch)
 
     def get_state(self) -> dict:
-        """JSON-serialisable position: ``{seed, epoch, cursor, num_images, batch_size, images_per_identity}``."""
+        """JSON-serialisable position: ``{seed, epoch, cursor, num_images, batch_size, images_per_identity,
+        num_parts, part_index}`` (``cursor`` counts global batches: the same on every part)."""
         return {"seed": self.seed, "epoch": self._epoch, "cursor": self._cursor, "num_images": self.num_images,
-                "batch_size": self.batch_size, "images_per_identity": self.images_per_identity}
+                "batch_size": self.batch_size, "images_per_identity": self.images_per_identity,
+                "num_parts": self.num_parts, "part_index": self.part_index}
 
     def set_state(self, state: dict) -> None:
-        """Continue exactly where ``get_state()`` was taken (same data and settings required)."""
-        for k in ("num_images", "batch_size", "images_per_identity"):
+        """Continue exactly where ``get_state()`` was taken (same data and settings required).
+
+        A state of any part resumes this part; ``num_parts`` may differ as long as the global batch is the same.
+        """
+        for k in ("num_images", "images_per_identity"):
             if k in state and int(state[k]) != getattr(self, k):
                 raise ToolkitError(f"iterator state: {k} was {state[k]}, now {getattr(self, k)}; cannot resume "
+                                   f"{self.path_imgrec} exactly")
+        if "batch_size" in state:
+            parts = int(state.get("num_parts", 1))
+            was = int(state["batch_size"]) * parts
+            if was != self.global_batch:
+                how = f"{state['batch_size']} x {parts} parts" if parts > 1 else f"{state['batch_size']}"
+                now = f"{self.batch_size} x {self.num_parts} parts" if self.num_parts > 1 else f"{self.batch_size}"
+                raise ToolkitError(f"iterator state: batch_size was {how}, now {now}; cannot resume "
                                    f"{self.path_imgrec} exactly")
         self._drop_pending()
         self.seed = int(state["seed"])
