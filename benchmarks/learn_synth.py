@@ -10,6 +10,7 @@ never seen in training.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -33,6 +34,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--num-classes", type=int, default=60)
     ap.add_argument("--images-per-class", type=int, default=16)
     ap.add_argument("--lr", type=float, default=0.05)
+    ap.add_argument("--lr2", type=float, default=None, help="lr of the ArcFace run of the recipe (default lr/5)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     from datasets.synth import generate_dataset
@@ -50,14 +52,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                      ("arcface", "arcface", args.steps, []),
                                      ("softmax->arcface (1/2)", "softmax", half, [])):
         t0 = time.time()
+        if steps == half:  # the two-run recipe: save the full training graph, so run 2 keeps the classifier
+            extra = extra + ["--ckpt-embedding", "0"]
         s = _train(common + ["--loss", loss, "--max-steps", str(steps), "--models-root",
                              os.path.join(args.out, "runs", name.split(" ")[0].replace(">", ""))] + extra)
         rows.append((name, s["before"]["synth_val"], s["final"]["synth_val"], steps, time.time() - t0))
         if loss == "softmax" and steps == half:
             ck = s["checkpoint"][: -len("-0000.params")] + "," + str(int(s["checkpoint"][-11:-7]))
             t0 = time.time()
+            # same classes: --pretrained keeps run 1's fc7 (insightface's recipe); a lower lr with warm-up, since
+            # the margin makes the loss jump and a full lr would undo run 1 in the first updates
             s2 = _train(common + ["--loss", "arcface", "--max-steps", str(args.steps - half), "--pretrained", ck,
-                                  "--network", "tiny", "--models-root", os.path.join(args.out, "runs", "two_run")])
+                                  "--network", "tiny", "--lr", str(args.lr2 if args.lr2 else args.lr / 5),
+                                  "--warmup-steps", str(max(1, (args.steps - half) // 10)),
+                                  "--models-root", os.path.join(args.out, "runs", "two_run")])
+            with open(os.path.join(s2["run_dir"], "load_report.json")) as f:
+                kept = any(item["name"] == "fc7_weight" for item in json.load(f)["loaded"])
+            print(f"two-run recipe: run 2 {'kept' if kept else 'did NOT keep'} run 1's fc7_weight")
             rows.append(("softmax->arcface (2/2)", s2["before"]["synth_val"], s2["final"]["synth_val"],
                          args.steps - half, time.time() - t0))
     print(f"\nheld-out verification (synth_val, 400 pairs of unseen identities), tiny, batch {args.per_batch_size}")

@@ -2,10 +2,11 @@
 
 Each identity is a seeded set of face parameters (face ellipse, skin tone, hair, eyes, brows, nose, mouth,
 freckles, beard, glasses). Every image of it is re-rendered with nuisance variation: pose (shift, rotation,
-scale), expression jitter, background, directional lighting, colour cast, blur, noise and partial occlusion.
+scale), expression jitter, cluttered background, directional lighting, a strong per-image camera response
+(brightness, white balance, gamma), blur, noise and partial occlusion, so raw colour says little about identity.
 Identity cues dominate moderately, so a small CNN learns to verify in a few CPU minutes while raw pixels do not.
 
-Domain ``'B'`` shifts the nuisance distribution (colder colour cast, stronger side lighting, larger rotations) and
+Domain ``'B'`` shifts the nuisance distribution (colder colour cast, stronger lighting, larger rotations) and
 draws a disjoint set of people (the domain is part of the identity seed).
 
 Usage::
@@ -29,6 +30,11 @@ from recognition.rec import save_bin, write_dataset
 DOMAINS = {"A": 0, "B": 1}
 _HAIR = np.array([[25, 20, 18], [70, 45, 25], [120, 80, 40], [200, 170, 110], [150, 60, 25], [150, 150, 150]],
                  np.float32)
+# Nuisance strength of the per-image camera response (see render_face).
+WHITE_BALANCE = 0.25  # sigma of per-channel gains
+BRIGHTNESS = (0.55, 1.45)
+GAMMA = (0.6, 1.6)
+CLUTTER = (2, 6)  # background shapes per image
 _IRIS = np.array([[60, 40, 25], [50, 90, 160], [60, 120, 70], [110, 110, 120]], np.float32)
 
 
@@ -77,6 +83,11 @@ def render_face(p: Dict[str, np.ndarray], rng: np.random.Generator, domain: str 
     grad = np.linspace(-1, 1, size, dtype=np.float32)[:, None, None] * rng.uniform(-40, 40, 3).astype(np.float32)
     img = np.ascontiguousarray(np.broadcast_to(np.clip(bg + grad, 0, 255).astype(np.uint8), (size, size, 3)))
     aa = cv2.LINE_AA
+    for _ in range(int(rng.integers(CLUTTER[0], CLUTTER[1] + 1))):  # background clutter: shapes unrelated to the person
+        c = tuple(float(v) for v in rng.uniform(0, 255, 3))
+        cx, cy = rng.uniform(0, 112, 2)
+        ax = rng.uniform(6, 30, 2)
+        cv2.ellipse(img, P(cx - 56, cy - 60), (L(ax[0]), L(ax[1])), float(rng.uniform(0, 180)), 0, 360, c, -1, aa, sh)
     fw, fh = p["face"] * rng.uniform(0.97, 1.03, 2)
     hair, skin = C(p["hair"]), C(p["skin"])
     if p["hair_style"] == 2:  # long hair behind the head
@@ -119,20 +130,24 @@ def render_face(p: Dict[str, np.ndarray], rng: np.random.Generator, domain: str 
     angle = rng.normal(0, 12 if big else 6)
     scale = rng.uniform(0.9, 1.1)
     m = cv2.getRotationMatrix2D((56 * s, 60 * s), angle, scale)
-    m[:, 2] += rng.uniform(-5, 5, 2) * s
+    m[:, 2] += rng.uniform(-7, 7, 2) * s
     img = cv2.warpAffine(img, m, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
 
     # lighting: directional gradient, brightness, colour cast (BGR gains)
     f = img.astype(np.float32)
-    theta = rng.uniform(-0.4, 0.4) + (0 if rng.uniform() < 0.5 else math.pi) if big else rng.uniform(0, 2 * math.pi)
+    # any direction: a purely sideways light would cancel in the flip-summed embedding of verification
+    theta = rng.uniform(0, 2 * math.pi)
     amp = rng.uniform(0.3, 0.65) if big else rng.uniform(0.0, 0.35)
     u = np.linspace(-1, 1, size, dtype=np.float32)
     light = 1 + amp * (math.cos(theta) * u[None, :] + math.sin(theta) * u[:, None])
-    gain = rng.normal(1, 0.07, 3) * rng.uniform(0.75, 1.2)
+    # Per-image camera response: strong brightness, white balance and gamma changes, so that raw colour (skin,
+    # hair) says little about identity and a random network scores near chance; identity lives in shape/texture.
+    gain = np.clip(rng.normal(1, WHITE_BALANCE, 3), 0.55, 1.6) * rng.uniform(*BRIGHTNESS)
     if big:
         gain *= np.array([1.15, 1.0, 0.82])  # colder: more blue, less red (BGR)
     f *= light[:, :, None]
     f *= gain[None, None, :].astype(np.float32)
+    f = 255.0 * np.power(np.clip(f, 0, 255) / 255.0, np.float32(rng.uniform(*GAMMA)))
     if rng.uniform() < 0.5:
         f = cv2.GaussianBlur(f, (0, 0), rng.uniform(0.3, 1.3) * s)
     f += rng.standard_normal(f.shape, dtype=np.float32) * np.float32(rng.uniform(0, 7))
