@@ -8,8 +8,8 @@ in neither training set) and wall time.
 
 A linear probe does not change the embedding: its verification column is the frozen pretrained network's, and
 its own figure is the probe's classification accuracy on held-out images of B's training identities. Every
-fine-tuning run gets the same number of steps, imprinted fc7, ArcFace. Timings share 2 CPU cores with whatever
-else runs: read them as rough.
+fine-tuning run gets the same number of steps and an imprinted fc7 (ArcFace by default). Timings share 2 CPU
+cores with whatever else runs: read them as rough.
 """
 from __future__ import annotations
 
@@ -49,7 +49,10 @@ def _data(out: str, name: str, domain: str, classes: int, per_class: int, seed: 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     ap.add_argument("--out", default="/tmp/ifr_strategies", help="work folder (data, runs, strategies.json)")
-    ap.add_argument("--pretrain-steps", type=int, default=120, help="batches of ArcFace pre-training on domain A")
+    ap.add_argument("--pretrain-steps", type=int, default=100, help="batches of pre-training on domain A")
+    ap.add_argument("--pretrain-loss", default="softmax", help="pre-training loss (softmax learns tiny fastest here)")
+    ap.add_argument("--pretrain-batch-size", type=int, default=32)
+    ap.add_argument("--loss", default="arcface", help="fine-tuning loss")
     ap.add_argument("--steps", type=int, default=60, help="batches per fine-tuning run (two-stage: 1/3 head)")
     ap.add_argument("--per-batch-size", type=int, default=16)
     ap.add_argument("--lr", type=float, default=0.01, help="fine-tuning learning rate")
@@ -66,10 +69,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     sizes = {n: _data(args.out, f"B{n}", "B", args.classes_b, n, args.seed + 1) for n in (args.few, args.many)}
     bins = [os.path.join(d, "synth_val.bin") for d in sizes.values()]
     assert filecmp.cmp(bins[0], bins[1], shallow=False), "held-out B pairs differ between data sizes"
-    common = ["--network", "tiny", "--loss", "arcface", "--target", "synth_val", "--verbose", str(10 ** 6),
-              "--frequent", "20", "--ckpt", "0", "--seed", str(args.seed), "--per-batch-size", str(args.per_batch_size)]
+    common = ["--network", "tiny", "--target", "synth_val", "--verbose", str(10 ** 6), "--frequent", "20",
+              "--ckpt", "0", "--seed", str(args.seed)]
+    tune = common + ["--loss", args.loss, "--per-batch-size", str(args.per_batch_size)]
     t0 = time.time()
-    pre = _train(common + ["--data-dir", data_a, "--max-steps", str(args.pretrain_steps), "--lr", "0.05",
+    pre = _train(common + ["--loss", args.pretrain_loss, "--per-batch-size", str(args.pretrain_batch_size),
+                           "--data-dir", data_a, "--max-steps", str(args.pretrain_steps), "--lr", "0.05",
                            "--prefix", os.path.join(args.out, "runs", "pretrain", "model")])
     pre_spec, pre_sec = _spec(pre), time.time() - t0
     # the pretrained network on B's held-out pairs (what the probe and "no fine-tuning" keep)
@@ -88,15 +93,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                          probe_acc=probe["val_acc"], seconds=round(time.time() - t0, 1), steps=0))
         for name, stages in plans:
             t0 = time.time()
-            s = _train(common + ["--data-dir", data, "--pretrained", pre_spec, "--fc7-init", "imprint", "--stages",
+            s = _train(tune + ["--data-dir", data, "--pretrained", pre_spec, "--fc7-init", "imprint", "--stages",
                                  stages, "--lr", str(args.lr),
                                  "--prefix", os.path.join(args.out, "runs", f"{name}-{ipi}", "model")])
             rows.append(dict(strategy=name, ipi=ipi, verify=s["final"]["synth_val"], probe_acc=None,
                              seconds=round(time.time() - t0, 1), steps=args.steps, stages=stages))
     total = time.time() - t_all
-    print(f"\ntiny pre-trained on domain A ({args.pretrain_steps} steps); adapted to domain B ({args.classes_b} "
+    print(f"\ntiny pre-trained on domain A ({args.pretrain_loss}, {args.pretrain_steps} steps of "
+          f"{args.pretrain_batch_size}); adapted to domain B ({args.classes_b} "
           f"identities); verification on B's held-out pairs (200 pairs, 20 unseen people); batch {args.per_batch_size}"
-          f", lr {args.lr}")
+          f", {args.loss}, lr {args.lr}")
     print(f"{'strategy':<34}{'img/id':>7}{'steps':>6}{'B verif':>9}{'probe val':>10}{'seconds':>9}")
     for r in rows:
         pa = f"{r['probe_acc']:.4f}" if r["probe_acc"] is not None else "-"
