@@ -205,7 +205,8 @@ class DistillImageIter(FaceImageIter):
         if self.table is None:
             return self.teacher.embed(data)
         if keys.max() >= len(self.table):
-            raise ToolkitError(f"--teacher-cache: record {int(keys.max())} is beyond the cache's {len(self.table)} rows")
+            raise ToolkitError(f"--teacher-cache: record {int(keys.max())} is beyond the cache's "
+                               f"{len(self.table)} rows")
         emb = self.table[keys]
         if np.isnan(emb).any():
             raise ToolkitError("--teacher-cache: a batch record has no cached teacher embedding; delete the cache")

@@ -313,7 +313,11 @@ def uses_offline_mining(cfg, loss_cfg) -> bool:
     if n < 0:
         raise ToolkitError(f"--mining-interval: must be >= 0, got {n}")
     if n and loss_cfg.loss not in TRIPLET_LOSSES:
-        raise ToolkitError(f"--mining-interval {n}: offline mining needs --loss triplet or atriplet, got {loss_cfg.loss}")
+        raise ToolkitError(f"--mining-interval {n}: offline mining needs --loss triplet or atriplet, "
+                           f"got {loss_cfg.loss}")
+    if n and cfg.get("teacher"):
+        raise ToolkitError(f"--mining-interval {n} with --teacher: offline triplet batches carry no teacher "
+                           "embeddings; distil first, then refine with triplets (or use --mining-interval 0)")
     return bool(n)
 
 
@@ -327,4 +331,5 @@ def trainer_embedder(trainer) -> Callable:
 
     arg, aux = trainer.module.get_params()
     return Embedder(trainer.embedding_symbol, arg, aux, ctx=trainer.ctx[0],
-                    batch_size=min(64, int(trainer.cfg.per_batch_size)), data_shape=(3,) + tuple(trainer.cfg.image_size))
+                    batch_size=min(64, int(trainer.cfg.per_batch_size)),
+                    data_shape=(3,) + tuple(trainer.cfg.image_size))

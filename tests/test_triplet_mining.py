@@ -133,3 +133,5 @@ def test_mining_flag_errors(tiny_data, tmp_path, capsys):
     assert "offline mining needs --loss triplet or atriplet" in capsys.readouterr().err
     assert run_cli(train.main, argv + ["--loss", "triplet", "--mining-interval", "-1"]) == 2
     assert "--mining-interval: must be >= 0" in capsys.readouterr().err
+    assert run_cli(train.main, argv + ["--loss", "triplet", "--mining-interval", "2", "--teacher", "x,0"]) == 2
+    assert "offline triplet batches carry no teacher embeddings" in capsys.readouterr().err
