@@ -40,6 +40,8 @@ bounds the whole run. Ctrl-C or SIGTERM to the launcher stops every process it s
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import os
 import shlex
 import signal
@@ -47,12 +49,15 @@ import socket
 import subprocess
 import sys
 import time
+import traceback
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Iterator, List, Mapping, Optional, Sequence
 
 from recognition.common import ToolkitError, run_cli
 
 DIST_KVSTORES = ("dist_sync", "dist_device_sync", "dist_async", "dist_device_async", "dist_sync_device")
+LOCAL_KVSTORES = ("local", "device", "nccl")
+KVSTORES = LOCAL_KVSTORES + DIST_KVSTORES
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "")
 POLL_S = 0.2
 
@@ -125,6 +130,65 @@ def check_command(command: Sequence[str]) -> List[str]:
             raise ToolkitError(f"--kvstore {value} in the worker command: {hint}; launch.py runs parameter servers "
                                f"for {', '.join(DIST_KVSTORES)}")
     return command
+
+
+def check_kvstore(name: str, env: Optional[Mapping[str, str]] = None) -> str:
+    """``--kvstore`` checked before any compute; returns ``name``.
+
+    MXNet itself turns any unknown name into a local kvstore, and a ``dist_*`` kvstore without the ``DMLC_*``
+    environment waits for a scheduler that never comes: both become one-line errors here. A process the launcher
+    started as a worker (``DMLC_ROLE=worker``) must use a distributed kvstore, else N copies would train alone.
+    """
+    env = os.environ if env is None else env
+    if name not in KVSTORES:
+        raise ToolkitError(f"--kvstore {name!r}: unknown kvstore; choose one of {', '.join(KVSTORES)}")
+    role = env.get("DMLC_ROLE")
+    if name in DIST_KVSTORES and role != "worker":
+        why = "DMLC_ROLE is not set" if not role else f"DMLC_ROLE is {role!r}, not 'worker'"
+        raise ToolkitError(f"--kvstore {name}: a distributed kvstore needs a scheduler and servers ({why}); start "
+                           f"the workers with python -m recognition.launch --num-workers N -- python "
+                           f"recognition/train.py --kvstore {name} ...")
+    if role == "worker" and name not in DIST_KVSTORES:
+        raise ToolkitError(f"--kvstore {name}: this process is a launched worker (DMLC_ROLE=worker) but the kvstore "
+                           f"is not distributed; give --kvstore dist_sync (or {', '.join(DIST_KVSTORES[1:])})")
+    if name == "nccl":
+        import mxnet as mx
+
+        if mx.context.num_gpus() == 0:
+            raise ToolkitError("--kvstore nccl: needs GPUs (none visible); use device or local")
+    return name
+
+
+@contextlib.contextmanager
+def worker_exit_on_error() -> Iterator[None]:
+    """In a parameter-server worker, end the process at once on any error (after the one-line message).
+
+    A normal exit runs ps-lite's shutdown, which waits for every other worker: a worker that failed would hang
+    there forever (and the others in their next push/pull). ``os._exit`` skips it; the launcher sees the exit
+    code and stops the other processes. ToolkitError -> ``error: ...`` and code 2, Ctrl-C -> 130, anything else ->
+    traceback and code 1.
+    """
+    try:
+        yield
+    except BaseException as exc:  # noqa: BLE001 -- every way out must skip the blocking shutdown
+        if isinstance(exc, ToolkitError):
+            code, msg = 2, f"error: {exc}"
+        elif isinstance(exc, KeyboardInterrupt):
+            code, msg = 130, "interrupted"
+        elif isinstance(exc, SystemExit):
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+            msg = "" if code == 0 or exc.code is None or isinstance(exc.code, int) else str(exc.code)
+        else:
+            traceback.print_exc()
+            code, msg = 1, f"error: worker failed: {type(exc).__name__}: {exc}"
+        if msg:
+            print(msg, file=sys.stderr)
+        for handler in logging.getLogger().handlers:
+            with contextlib.suppress(Exception):
+                handler.flush()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -28,6 +28,7 @@ from recognition import callbacks as cb
 from recognition.args import check_positive
 from recognition.common import (ToolkitError, atomic_write, parse_ctx, parse_prefix_epoch, remove_stale_temps,
                                 setup_logging)
+from recognition.launch import DIST_KVSTORES, check_kvstore, worker_exit_on_error
 from recognition.metrics_log import MetricsLog, Window, plot_curves
 
 logger = logging.getLogger("recognition")
@@ -98,6 +99,7 @@ def prepare_run(cfg) -> edict:
 
     plan = edict()
     plan.ctx = parse_ctx(cfg.get("ctx"))
+    plan.kvstore = check_kvstore(cfg.get("kvstore") or "device")
     check_positive(cfg, ["per_batch_size", "frequent", "verbose", "end_epoch"])
     if cfg.lr is None or cfg.lr < 0:
         raise ToolkitError(f"--lr: must be >= 0, got {cfg.lr}")
@@ -106,6 +108,9 @@ def prepare_run(cfg) -> edict:
 
     plan.loss_cfg = loss_config(cfg)  # make_loss_config, or --loss none (pure distillation)
     plan.mining = uses_offline_mining(cfg, plan.loss_cfg)
+    if plan.mining and plan.kvstore in DIST_KVSTORES:
+        raise ToolkitError(f"--mining-interval: offline triplet mining runs on one machine; --kvstore {plan.kvstore} "
+                           "is not supported with it")
     plan.distill = plan_distill(cfg, plan)  # None without --teacher
     plan.resume = cb.read_resume_state(cfg.resume) if cfg.get("resume") else None
     plan.pretrained = None
@@ -168,6 +173,33 @@ def _has_random_ops(symbol) -> bool:
     return any(op == "Dropout" or op.startswith(("_random", "_sample")) for op in ops)
 
 
+def _dist_kvstore(name: str):
+    """``mx.kv.create(name)`` in a launched worker (waits until the scheduler, servers and all workers are up).
+
+    The servers only sum gradients; the optimizer runs in every worker (``MXNET_UPDATE_ON_KVSTORE=0``). A
+    server-side optimizer is a pickled copy made once: it would never see the lr schedule (``opt.lr`` set per step)
+    nor the per-parameter multipliers set after ``init_optimizer``, and its states could not be saved for
+    ``--resume``. Each worker applies the same summed gradient to the same parameters, so they stay identical.
+    A stage switch binds a new Module that initialises every key again; ps-lite would count a second ``init``
+    (pushed by rank 0 only) as a gradient push and wait for the other workers forever: keys are initialised once.
+    """
+    os.environ["MXNET_UPDATE_ON_KVSTORE"] = "0"
+    kv = mx.kv.create(name)
+    seen: set = set()
+    init = kv.init
+
+    def init_once(key, value):
+        keys, values = (list(key), list(value)) if isinstance(key, (list, tuple)) else ([key], [value])
+        new = [(k, v) for k, v in zip(keys, values) if k not in seen]
+        seen.update(k for k, _ in new)
+        if new:
+            init([k for k, _ in new], [v for _, v in new])
+
+    kv.init = init_once
+    logger.info("kvstore %s: worker %d of %d", name, kv.rank, kv.num_workers)
+    return kv
+
+
 class Trainer:
     """One training run: ``Trainer(cfg, plan).fit() -> dict`` (final results, checkpoint path)."""
 
@@ -175,6 +207,10 @@ class Trainer:
         self.cfg, self.plan = cfg, plan
         self.ctx = plan.ctx
         self.fc7_name = cfg.fc7_name
+        self.kv = _dist_kvstore(plan.kvstore) if plan.kvstore in DIST_KVSTORES else None
+        self.rank, self.num_workers = (self.kv.rank, self.kv.num_workers) if self.kv else (0, 1)
+        if self.rank > 0:  # rank 0 verifies and writes checkpoints/resume state; others log to their own folder
+            plan.run_dir = os.path.join(plan.run_dir, f"worker{self.rank}")
         os.makedirs(plan.run_dir, exist_ok=True)
         setup_logging(log_file=os.path.join(plan.run_dir, "train.log"))
         # a killed run leaves .NAME.XXXX.tmp files (never real names: those only appear by rename); drop them
@@ -189,11 +225,12 @@ class Trainer:
         self.last_ckpt: Optional[str] = None
         self.before: Dict[str, float] = {}
         self.opt_states = None
+        self._broadcast = False
         self._seed(int(cfg.seed or 0), 0)
         self._build_graph()
         self._build_data()
-        self.verifier = cb.Verifier(plan.targets, self.ctx[0], batch_size=min(64, int(cfg.per_batch_size)),
-                                    image_size=tuple(cfg.image_size))
+        self.verifier = cb.Verifier(plan.targets if self.rank == 0 else [], self.ctx[0],
+                                    batch_size=min(64, int(cfg.per_batch_size)), image_size=tuple(cfg.image_size))
         if plan.resume:
             self._restore(plan.resume)
         with atomic_write(os.path.join(plan.run_dir, "config.json"), "w") as f:
@@ -273,7 +310,7 @@ class Trainer:
                               color_jitter=float(cfg.data_color or 0),
                               images_filter=int(cfg.data_images_filter or 0),
                               num_workers=int(cfg.num_workers), seed=int(cfg.seed or 0),
-                              images_per_identity=ipi)
+                              images_per_identity=ipi, num_parts=self.num_workers, part_index=self.rank)
 
     def _restore(self, doc: dict) -> None:
         self.step, self.msave = int(doc["step"]), int(doc["msave"])
@@ -306,11 +343,20 @@ class Trainer:
             logger.info("initialised fresh: %s", ", ".join(missing[:12]) + (" ..." if len(missing) > 12 else ""))
         init = mx.init.Xavier(rnd_type="gaussian", factor_type="out", magnitude=2)
         mod.init_params(init, arg_params=arg or None, aux_params=aux or None, allow_missing=True, allow_extra=True)
-        # SoftmaxOutput(normalization='valid') already averages per device; the kvstore sums devices
-        opt = mx.optimizer.SGD(learning_rate=cfg.lr, momentum=cfg.mom, wd=cfg.wd, rescale_grad=1.0 / len(self.ctx))
+        # SoftmaxOutput(normalization='valid') already averages per device; the kvstore sums devices (and, with
+        # dist_sync, workers): the update is that of one process with the global batch
+        opt = mx.optimizer.SGD(learning_rate=cfg.lr, momentum=cfg.mom, wd=cfg.wd,
+                               rescale_grad=1.0 / (len(self.ctx) * self.num_workers))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Module warns that rescale_grad differs from 1/batch (intended)
-            mod.init_optimizer(kvstore=cfg.kvstore, optimizer=opt)
+            mod.init_optimizer(kvstore=self.kv or self.plan.kvstore, optimizer=opt)
+        if self.kv is not None and not self._broadcast:  # every worker starts from rank 0's parameters
+            names = mod._exec_group.param_names
+            for i, arrays in enumerate(mod._exec_group.param_arrays):
+                self.kv.pull(names[i], out=arrays, priority=-i)
+            mx.nd.waitall()
+            mod._params_dirty = True
+            self._broadcast = True
         # graph attributes count once: fc7's own lr/wd attrs are the fc7 flags themselves
         attrs = {k: v for k, v in self.train_symbol.attr_dict().items() if k not in self.head_info["fc7_params"]}
         lr_mult, wd_mult = param_multipliers(wanted, self.fc7_name, float(cfg.fc7_lr_mult), float(cfg.fc7_wd_mult),
@@ -385,7 +431,9 @@ class Trainer:
                     network=self.cfg.network, emb_size=int(self.embedding_symbol.infer_shape(
                         data=(1, 3) + tuple(self.cfg.image_size))[1][0][1]))
 
-    def _save(self, epoch: int) -> str:
+    def _save(self, epoch: int) -> Optional[str]:
+        if self.rank > 0:
+            return None
         try:
             path = cb.save_model(self.plan.prefix, epoch, self.module, self.train_symbol, self.embedding_symbol,
                                  slim=bool(int(self.cfg.ckpt_embedding)), meta=self._meta())
@@ -417,6 +465,8 @@ class Trainer:
         return results
 
     def _save_resume(self) -> None:
+        if self.rank > 0:  # all workers resume from rank 0's state (same parameters, optimizer states, cursor)
+            return
         state = dict(msave=self.msave, highest=self.policy.highest, saved_best=self.policy.saved_best,
                      stage_index=self.stage_idx, iter_state=self.data.get_state(), last_ckpt=self.last_ckpt,
                      before=self.before, config={k: v for k, v in self.cfg.items() if k != "resume"})
@@ -543,9 +593,26 @@ def format_table(before: Dict[str, float], after: Dict[str, float]) -> str:
 
 
 def run_training(cfg) -> dict:
-    """Prepare (fail fast), train, and return :meth:`Trainer.fit`'s summary."""
+    """Prepare (fail fast), train, and return :meth:`Trainer.fit`'s summary.
+
+    A ``dist_*`` worker ends with ``os._exit`` on any error (:func:`recognition.launch.worker_exit_on_error`).
+    With ``IFR_DIST_DUMP=DIR`` in its environment every worker also saves its final parameters to
+    ``DIR/rank<R>.params`` (``arg:``/``aux:`` keys), to check that the workers agree.
+    """
     plan = prepare_run(cfg)
-    return Trainer(cfg, plan).fit()
+    if plan.kvstore not in DIST_KVSTORES:
+        return Trainer(cfg, plan).fit()
+    with worker_exit_on_error():
+        trainer = Trainer(cfg, plan)
+        summary = trainer.fit()
+        if os.environ.get("IFR_DIST_DUMP"):
+            from recognition.common import save_params_atomic
+
+            arg, aux = trainer.module.get_params()
+            blob = {"arg:" + k: v for k, v in arg.items()}
+            blob.update({"aux:" + k: v for k, v in aux.items()})
+            save_params_atomic(os.path.join(os.environ["IFR_DIST_DUMP"], f"rank{trainer.rank}.params"), blob)
+        return summary
 
 
 __all__ = ["prepare_run", "lr_at", "Trainer", "format_table", "run_training"]
