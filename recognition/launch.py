@@ -28,9 +28,33 @@ at the same path on every host (a shared file system, or identical copies; activ
 command, e.g. ``bash -c '. .venv/bin/activate && python ...'``); the scheduler's port (``--port``) and ps-lite's
 ports open between hosts; with several network interfaces set ``--interface eth0`` (``DMLC_INTERFACE``).
 
-Each worker reads its own part of the data: the training script shards its iterator by ``kv.rank`` of
-``kv.num_workers``. With ``dist_sync`` the gradient of a step is summed over all workers' batches, so the
-global batch is ``num_workers x per-worker batch``.
+Without ssh (a cluster scheduler, ``mpirun``, Kubernetes, dmlc-submit, or by hand): start the same roles with the
+same environment yourself. On the scheduler host, once: ``DMLC_ROLE=scheduler ... python -c "import mxnet"``; on
+server hosts ``DMLC_ROLE=server`` and the same command; on each worker host ``DMLC_ROLE=worker python
+recognition/train.py --kvstore dist_sync ...``; every process gets the same ``DMLC_PS_ROOT_URI``,
+``DMLC_PS_ROOT_PORT``, ``DMLC_NUM_SERVER``, ``DMLC_NUM_WORKER`` (and its own ``DMLC_NODE_HOST``). ``--dry-run``
+prints exactly these commands. Nothing then watches for failures: a failed train.py worker exits at once with a
+non-zero code, and your tool must stop the other processes.
+
+What ``train.py --kvstore dist_sync`` does as a worker (``recognition.trainer``):
+
+- ``--kvstore`` is checked first: an unknown name, a ``dist_*`` kvstore without ``DMLC_ROLE=worker`` (not started
+  by a launcher) or a launched worker with a local kvstore is a one-line error, exit code 2.
+- The kvstore is created before anything else; ``kv.rank`` of ``kv.num_workers`` picks the data part: each epoch's
+  seeded order is drawn for the global batch ``num_workers x per-batch-size x devices`` and worker ``r`` takes
+  rows ``[r*B, (r+1)*B)`` of every global batch (disjoint parts covering the epoch; same number of steps on
+  every worker, so all stop at the same step).
+- The servers sum the workers' gradients; the optimizer runs in each worker with ``rescale_grad = 1 / (devices x
+  workers)`` on per-device mean gradients: an update equals that of one process with the same global batch (one
+  process with ``--ctx cpu:0,cpu:1`` and the same per-batch size sees the very same batches). Every worker starts
+  from rank 0's parameters and applies the same update, so all hold identical weights. BatchNorm running
+  statistics are not synchronised (each worker keeps those of its own part; rank 0's are saved, as in
+  insightface). Dropout masks differ from a single-process run.
+- Rank 0 alone verifies on ``--target``, writes checkpoints, ``resume/`` and the curves; worker ``r > 0`` logs to
+  ``RUN_DIR/worker<r>/`` (``train.log``, ``metrics.jsonl``; losses there are those of its part). ``--resume RUN_DIR``
+  restarts every worker from rank 0's state (also with another number of workers giving the same global batch).
+- A worker that fails prints its one-line error and leaves with ``os._exit`` (a normal exit would wait forever
+  in ps-lite's shutdown for the others); the launcher then stops the rest.
 
 Failure handling: the launcher polls every process. When any of them exits with a non-zero code (or a worker
 is killed), the others would block forever in the next synchronous push/pull, so the launcher stops all of them
