@@ -6,6 +6,8 @@ Examples::
     python recognition/train.py --network y1 --loss arcface --data-dir data/mine --target lfw \\
         --pretrained ../models/model-y1-test2/model,0 --stages head:500,all:2000 --eval-pretrained
     python recognition/train.py --resume models/y1-arcface-mine
+    python -m recognition.launch --num-workers 2 --num-servers 1 -- \\
+        python recognition/train.py --kvstore dist_sync --network r50 ...   # several processes / machines
 
 Runs go to ``MODELS_ROOT/NETWORK-LOSS-DATASET/``: ``model-%04d.params`` + ``model-symbol.json``,
 ``metrics.jsonl``, ``curves.png``, ``train.log``, ``config.json``, the load report and ``resume/``.
