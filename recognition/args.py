@@ -111,7 +111,9 @@ def add_run_args(parser: argparse.ArgumentParser) -> None:
     """Devices, logging, checkpoints, resume, configuration files."""
     g = parser.add_argument_group("run")
     g.add_argument("--ctx", default=None, help="devices, e.g. cpu:0,cpu:1 or gpu:0,gpu:1 (else CUDA_VISIBLE_DEVICES)")
-    g.add_argument("--kvstore", default=None, help="kvstore type (device, local, dist_sync, ...)")
+    g.add_argument("--kvstore", default=None,
+                   help="device, local, nccl; or dist_sync, dist_device_sync, dist_async for several processes or "
+                        "machines under python -m recognition.launch")
     g.add_argument("--models-root", default=None, help="runs go to MODELS_ROOT/NETWORK-LOSS-DATASET/model")
     g.add_argument("--prefix", default=None, help="checkpoint prefix (overrides --models-root)")
     g.add_argument("--ckpt", type=int, choices=(0, 1, 2, 3), default=None,
