@@ -117,7 +117,7 @@ def atomic_write(path: str, mode: str = "wb") -> Iterator:
     """
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    fd, tmp = _mkstemp_like_open(path, folder)
     try:
         with os.fdopen(fd, mode) as f:
             yield f
@@ -175,6 +175,15 @@ def atomic_replace(tmp_path: str, path: str) -> None:
     _fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
+def _mkstemp_like_open(path: str, folder: str) -> Tuple[int, str]:
+    """A hidden temporary file next to ``path`` with the permissions ``open()`` would give (mkstemp makes 0600)."""
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)
+    return fd, tmp
+
+
 def _fsync_dir(folder: str) -> None:
     with contextlib.suppress(OSError):
         dfd = os.open(folder, os.O_RDONLY)
@@ -190,7 +199,7 @@ def save_params_atomic(path: str, params: dict) -> None:
 
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    fd, tmp = _mkstemp_like_open(path, folder)
     os.close(fd)
     try:
         mx.nd.save(tmp, params)
