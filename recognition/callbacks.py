@@ -131,6 +131,9 @@ def save_model(prefix: str, epoch: int, module, train_symbol, embedding_symbol, 
         sym = embedding_symbol
     else:
         sym = train_symbol
+    from recognition.backbones import checkpoint_form
+
+    sym, arg, aux = checkpoint_form(sym, arg, aux)  # prelu='bn': stock graph, no constant unit states
     paths = save_checkpoint(prefix, epoch, sym, arg, aux)
     if meta is not None:
         from recognition.pretrained import write_meta

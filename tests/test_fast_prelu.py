@@ -5,12 +5,15 @@ import mxnet as mx
 import numpy as np
 import pytest
 
-from recognition.backbones import get_symbol
+from recognition.backbones import checkpoint_form, fill_unit_aux, get_symbol
+from recognition.backbones.fast_prelu import bn_prelu
 from recognition.backbones.layers import prelu
 from recognition.common import load_checkpoint, save_checkpoint
 
 
 def _layer(mode, channels):
+    if mode in ("bn_fused", "bn_plain"):
+        return bn_prelu(mx.sym.var("x"), "p", channels, fused=mode == "bn_fused")
     return prelu(mx.sym.var("x"), "p", channels, mode)
 
 
@@ -18,6 +21,8 @@ def _run(sym, inputs, out_grad):
     ex = sym.simple_bind(mx.cpu(), **{k: v.shape for k, v in inputs.items()})
     for k, v in inputs.items():
         ex.arg_dict[k][:] = v
+    for k, v in fill_unit_aux(sym, {}).items():
+        ex.aux_dict[k][:] = v
     out = ex.forward(is_train=True)[0].asnumpy()
     ex.backward(mx.nd.array(out_grad))
     return out, {k: ex.grad_dict[k].asnumpy() for k in inputs}
@@ -35,7 +40,7 @@ def test_layer_matches_stock_and_numpy(shape):
     want_y = np.where(x > 0, x, g4 * x)
     want_dx = dy * np.where(x > 0, 1.0, g4)
     want_dg = (dy * np.minimum(x, 0)).sum(axis=(0, 2, 3))
-    results = {mode: _run(_layer(mode, channels), inputs, dy) for mode in ("fast", "stock")}
+    results = {mode: _run(_layer(mode, channels), inputs, dy) for mode in ("fast", "stock", "bn_fused", "bn_plain")}
     for mode, (y, grads) in results.items():
         np.testing.assert_allclose(y, want_y, rtol=1e-5, atol=1e-6, err_msg=mode)
         np.testing.assert_allclose(grads["x"], want_dx, rtol=1e-5, atol=1e-6, err_msg=mode)
@@ -81,7 +86,7 @@ def _bind_net(name, prelu_mode, arg, aux, data, batch, dtype="float32", global_s
     ex.arg_dict["proj"][:] = np.random.RandomState(7).randn(*emb)
     for k, v in arg.items():
         ex.arg_dict[k][:] = v
-    for k, v in aux.items():
+    for k, v in fill_unit_aux(sym, aux).items():
         ex.aux_dict[k][:] = v
     ex.arg_dict["data"][:] = data
     return sym, ex
@@ -115,21 +120,29 @@ def test_network_fast_equals_stock_outputs_and_gradients(name):
     batch = 2
     arg, aux, data = _random_params(name, batch, seed=1)
     results = {}
-    for mode in ("fast", "stock"):
+    for mode in ("fast", "stock", "bn"):
         # float32 (MXNet's own LeakyReLU slope gradient came out wrong in float64 inside a network)
         _, ex = _bind_net(name, mode, arg, aux, data, batch, global_stats=True)
         outs = ex.forward(is_train=True)
         ex.backward()
         results[mode] = (outs[1].asnumpy(), {k: v.asnumpy() for k, v in ex.grad_dict.items() if k in arg},
                          {k: v.asnumpy() for k, v in ex.aux_dict.items()})
-    (y_f, g_f, a_f), (y_s, g_s, a_s) = results["fast"], results["stock"]
+    y_s, g_s, a_s = results["stock"]
+    for mode in ("fast", "bn"):
+        _compare(results[mode][:2], (y_s, g_s), arg, mode)
+    unit = {k: v for k, v in results["bn"][2].items() if k not in a_s}  # constants: never updated by training
+    assert unit and all(v.min() == v.max() == (1.0 if k.endswith("_var") else 0.0) for k, v in unit.items())
+
+
+def _compare(got, want, arg, mode):
+    (y_f, g_f), (y_s, g_s) = got, want
     np.testing.assert_allclose(y_f, y_s, rtol=1e-5, atol=1e-5 * np.abs(y_s).max())
     assert set(g_f) == set(g_s) == set(arg)
     for k in arg:  # gradients relative to each tensor's scale
         scale = float(np.abs(g_s[k]).max())
         assert scale > 0 or k == "fc1_gamma", f"no gradient reaches {k}"  # fc1 has fix_gamma
         scale = max(scale, 1e-12)
-        np.testing.assert_allclose(g_f[k] / scale, g_s[k] / scale, atol=1e-5, err_msg=k)
+        np.testing.assert_allclose(g_f[k] / scale, g_s[k] / scale, atol=1e-5, err_msg=f"{mode} {k}")
 
 
 def test_checkpoint_saved_from_fast_loads_into_stock_and_back(tmp_path):
@@ -149,3 +162,44 @@ def test_checkpoint_saved_from_fast_loads_into_stock_and_back(tmp_path):
         outs[dst] = mod.get_outputs()[0].asnumpy()
     # float32 through a randomly-initialised net: agreement to float32 accumulation error, not bit-exact
     np.testing.assert_allclose(outs["fast"], outs["stock"], rtol=1e-4, atol=1e-4 * np.abs(outs["stock"]).max())
+
+
+def test_bn_layer_aux_states_and_stock_graph():
+    sym = _layer("bn_plain", 8)
+    assert sym.list_arguments() == ["x", "p_gamma"]
+    assert sym.list_auxiliary_states() == ["p_unit_moving_mean", "p_unit_moving_var"]
+    stock, _, aux = checkpoint_form(sym, {}, {"p_unit_moving_mean": mx.nd.zeros(8)})
+    assert stock.list_arguments() == ["x", "p_gamma"] and stock.list_auxiliary_states() == [] and aux == {}
+    assert [n["op"] for n in json.loads(stock.tojson())["nodes"]] == ["null", "null", "LeakyReLU"]
+
+
+def test_bn_checkpoint_has_insightface_names_and_loads_into_every_graph(tmp_path, params_contract):
+    """A checkpoint from a prelu='bn' graph (as callbacks.save_model writes it) is insightface's y1 exactly, and
+    loads strictly into the stock and fast graphs, and into the bn graph once the unit states are filled."""
+    batch = 2
+    arg, aux, data = _random_params("y1", batch, seed=3)
+    sym = get_symbol("y1", prelu="bn")
+    mod = mx.mod.Module(sym, label_names=None, context=mx.cpu())
+    mod.bind(data_shapes=[("data", (batch, 3, 112, 112))], for_training=False)
+    nd = lambda d: {k: mx.nd.array(v) for k, v in d.items()}  # noqa: E731
+    mod.set_params(nd(arg), fill_unit_aux(sym, nd(aux)), allow_missing=False, allow_extra=False)
+    arg_b, aux_b = mod.get_params()
+    prefix = str(tmp_path / "from_bn")
+    save_checkpoint(prefix, 1, *checkpoint_form(sym, arg_b, aux_b))
+    saved_sym, arg2, aux2 = load_checkpoint(prefix, 1)
+    want = params_contract["y1"]
+    shapes = saved_sym.infer_shape(data=tuple(want["input"]))
+    assert dict(zip(saved_sym.list_arguments(), map(list, shapes[0]))) == dict(want["arguments"])
+    assert dict(zip(saved_sym.list_auxiliary_states(), map(list, shapes[2]))) == dict(want["auxiliary_states"])
+    assert set(arg2) | {"data"} == set(dict(want["arguments"])) and set(aux2) == set(dict(want["auxiliary_states"]))
+    outs = {}
+    for mode in ("stock", "fast", "bn"):
+        target = get_symbol("y1", prelu=mode)
+        m = mx.mod.Module(target, label_names=None, context=mx.cpu())
+        m.bind(data_shapes=[("data", (batch, 3, 112, 112))], for_training=False)
+        m.set_params(arg2, fill_unit_aux(target, aux2), allow_missing=False, allow_extra=False)
+        m.forward(mx.io.DataBatch([mx.nd.array(data)]), is_train=False)
+        outs[mode] = m.get_outputs()[0].asnumpy()
+    for mode in ("fast", "bn"):
+        np.testing.assert_allclose(outs[mode], outs["stock"], rtol=1e-4, atol=1e-4 * np.abs(outs["stock"]).max(),
+                                   err_msg=mode)

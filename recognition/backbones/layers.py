@@ -9,12 +9,12 @@ from typing import Tuple
 
 import mxnet as mx
 
-from recognition.backbones.fast_prelu import fast_prelu
+from recognition.backbones.fast_prelu import bn_prelu, fast_prelu
 from recognition.common import ToolkitError
 
 BN_EPS = 2e-5  # fresnet, vargfacenet and every fc1
 MXNET_BN_EPS = 1e-3  # MXNet's default, which insightface's MobileFaceNet/MobileNet blocks and GDC keep
-PRELU_MODES = ("fast", "stock")
+PRELU_MODES = ("fast", "stock", "bn")
 
 
 def normalise_input(data: mx.sym.Symbol) -> mx.sym.Symbol:
@@ -37,10 +37,14 @@ def prelu(data: mx.sym.Symbol, name: str, num_channels: int, mode: str = "fast")
     ``mode='stock'`` is MXNet's ``LeakyReLU(act_type='prelu')``. ``mode='fast'`` is the same function and the same
     parameter (checkpoints load into either) written with operators whose backward pass is fast on CPU; see
     :func:`recognition.backbones.fast_prelu.fast_prelu` for the formulation and the measurements behind it.
+    ``mode='bn'`` (:func:`~recognition.backbones.fast_prelu.bn_prelu`) is faster still but adds constant auxiliary
+    states ``NAME_unit_moving_mean/_var``; checkpoints drop them and store the stock graph (``checkpoint_form``).
     """
     if mode == "stock":
         gamma = mx.sym.var(name + "_gamma", shape=(num_channels,), init=mx.init.Constant(0.25))
         return mx.sym.LeakyReLU(data=data, gamma=gamma, act_type="prelu", name=name)
+    if mode == "bn":
+        return bn_prelu(data, name, num_channels)
     return fast_prelu(data, name, num_channels)
 
 
