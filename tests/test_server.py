@@ -114,15 +114,22 @@ def test_register_detect_delete_list(running, model, faces):
 
 
 def test_threshold_unknown(model, faces, tmp_path):
-    srv = Running(model, str(tmp_path / "g.sqlite"), threshold=0.9999)
+    # The threshold sits between a different person's score and 1, so it is derived from the model, not assumed.
+    q, e = feature(model, faces["p2"][1]), feature(model, faces["p0"][0])
+    score = float(np.dot(q, e))
+    assert score < 1 - 1e-6  # premise: a different person's image is not identical
+    threshold = (score + 1.0) / 2
+    srv = Running(model, str(tmp_path / "g.sqlite"), threshold=threshold)
     try:
-        assert srv.call("POST", "/detectFace", {"image": b64(faces["p0"][0])})[1] == \
-            {"name": "unknown", "score": None, "candidate": None, "threshold": 0.9999}
+        st, out = srv.call("POST", "/detectFace", {"image": b64(faces["p0"][0])})
+        assert st == 200 and out["name"] == "unknown" and out["score"] is None and out["candidate"] is None
+        assert out["threshold"] == pytest.approx(threshold)
         srv.call("POST", "/registerFace", {"name": "alice", "images": [b64(faces["p0"][0])]})
-        q, e = feature(model, faces["p2"][1]), feature(model, faces["p0"][0])
         st, out = srv.call("POST", "/detectFace", {"image": b64(faces["p2"][1])})
-        assert float(np.dot(q, e)) < 0.9999  # premise: a different person's image is not identical
         assert st == 200 and out["name"] == "unknown" and out["candidate"] == "alice"
+        assert out["score"] == pytest.approx(score, abs=1e-4)
+        st, out = srv.call("POST", "/detectFace", {"image": b64(faces["p0"][0])})
+        assert st == 200 and out["name"] == "alice"  # the registered image itself scores ~1, above the threshold
     finally:
         srv.stop()
 
