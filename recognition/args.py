@@ -30,8 +30,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("model")
     g.add_argument("--network", default=None, help="backbone name (r100, r50, y1, tiny, gluon:NAME, ...)")
     g.add_argument("--emb-size", type=int, default=None, help="embedding width (default: the network's)")
-    g.add_argument("--prelu", choices=("fast", "stock"), default=None,
-                   help="PReLU formulation (same parameters; 'fast' is quicker on CPU)")
+    g.add_argument("--prelu", choices=("bn", "fast", "stock"), default=None,
+                   help="PReLU formulation of the training graph (same parameters; default 'bn', fastest on CPU; "
+                        "'bn' and 'stock' checkpoints store insightface's stock graph)")
 
 
 def add_loss_args(parser: argparse.ArgumentParser) -> None:

@@ -41,7 +41,7 @@ config.num_workers = 2
 config.num_classes = None  # None: read from the dataset's property file
 config.val_targets = []
 config.image_size = (112, 112)
-config.prelu = "fast"
+config.prelu = "bn"  # training graph; checkpoints save the stock graph
 
 # Network sections: everything structural lives in recognition.backbones; these are per-network training
 # defaults (insightface's y1 recipe: 128-d embedding).

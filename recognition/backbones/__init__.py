@@ -14,7 +14,8 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 import mxnet as mx
 
 from recognition.backbones import fmobilefacenet, fmobilenet, fresnet, vargfacenet
-from recognition.backbones.fast_prelu import checkpoint_form, drop_unit_aux, fill_unit_aux, to_stock_graph
+from recognition.backbones.fast_prelu import (checkpoint_form, convert_prelu, drop_unit_aux, fill_unit_aux,
+                                               to_stock_graph)
 from recognition.backbones.layers import check_prelu_mode
 from recognition.common import ToolkitError
 
@@ -65,14 +66,16 @@ def default_emb_size(name: str) -> int:
     return _spec(name).emb_size
 
 
-def get_symbol(name: str, emb_size: Optional[int] = None, prelu: str = "fast", **overrides) -> mx.sym.Symbol:
+def get_symbol(name: str, emb_size: Optional[int] = None, prelu: str = "bn", **overrides) -> mx.sym.Symbol:
     """Build network ``name`` as a single-output symbol ``fc1_output``.
 
     Inputs: variable ``data`` (N, 3, 112, 112) float32 RGB 0-255 (normalised inside the graph).
     Outputs: ``fc1_output`` (N, emb_size), unnormalised embedding.
 
-    ``prelu``: ``'fast'`` (CPU-fast formulation) or ``'stock'`` (``LeakyReLU act_type=prelu``); both have the same
-    parameters, so checkpoints move between them. ``overrides`` are family options (e.g. ``units``, ``widths``,
+    ``prelu``: ``'bn'`` (default, fastest on CPU; adds constant ``NAME_unit_moving_mean/_var`` auxiliary states
+    that :func:`fill_unit_aux` supplies and :func:`checkpoint_form` drops), ``'fast'`` or ``'stock'``
+    (``LeakyReLU act_type=prelu``, insightface's graph); the same ``NAME_gamma`` parameters, so checkpoints move
+    between them (:func:`convert_prelu` converts a graph). ``overrides`` are family options (e.g. ``units``, ``widths``,
     ``dropout``, ``bn_mom``, ``act_type`` for fresnet; ``blocks`` for MobileFaceNet; ``imagenet_pretrained`` for gluon).
     """
     spec = _spec(name)
@@ -112,5 +115,5 @@ def load_imagenet_params(name: str):
     return gluon_zoo.load_imagenet_params(name)
 
 
-__all__ = ["NETWORKS", "NetworkSpec", "checkpoint_form", "default_emb_size", "drop_unit_aux", "fill_unit_aux",
+__all__ = ["NETWORKS", "NetworkSpec", "checkpoint_form", "convert_prelu", "default_emb_size", "drop_unit_aux", "fill_unit_aux",
            "get_stages", "get_symbol", "list_networks", "load_imagenet_params", "to_stock_graph"]

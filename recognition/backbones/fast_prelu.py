@@ -143,6 +143,77 @@ def to_stock_graph(sym: mx.sym.Symbol) -> mx.sym.Symbol:
     return mx.sym.load_json(rebuilt.tojson())
 
 
+def _is_stock_prelu(node: dict) -> bool:
+    return node["op"] == "LeakyReLU" and node.get("attrs", {}).get("act_type") == "prelu"
+
+
+def from_stock_graph(sym: mx.sym.Symbol, mode: str = "bn",
+                     data_shape: Tuple[int, ...] = (1, 3, 112, 112)) -> mx.sym.Symbol:
+    """``sym`` with every ``LeakyReLU(act_type='prelu')`` replaced by :func:`bn_prelu` (``mode='bn'``) or
+    :func:`fast_prelu` (``'fast'``) on the same ``NAME_gamma``: the inverse of :func:`to_stock_graph`.
+
+    Inputs: any graph (an insightface checkpoint's); ``data_shape`` of its ``data`` input, used only when a slope
+    variable carries no ``__shape__`` attribute (checkpoint graphs usually do not). Outputs: the same function
+    with the fast formulation; ``'bn'`` adds the unit auxiliary states (:func:`fill_unit_aux` supplies them).
+    Graphs without stock PReLU nodes come back unchanged.
+    """
+    graph = json.loads(sym.tojson())
+    nodes = graph["nodes"]
+    if not any(_is_stock_prelu(n) for n in nodes):
+        return sym
+    build = {"bn": bn_prelu, "fast": fast_prelu}[mode]
+    shapes: Dict[str, tuple] = {}
+    out_nodes, remap = [], {}  # old node index -> new node index
+    for i, node in enumerate(nodes):
+        node = dict(node, inputs=[[remap[a], o, v] for a, o, v in node["inputs"]])
+        if not _is_stock_prelu(node):
+            remap[i] = len(out_nodes)
+            out_nodes.append(node)
+            continue
+        data_entry, gamma_entry = node["inputs"][0], node["inputs"][1]
+        gamma_node = out_nodes[gamma_entry[0]]
+        shape_attr = gamma_node.get("attrs", {}).get("__shape__")
+        if shape_attr:
+            channels = int(shape_attr.strip("()").split(",")[0])
+        else:
+            if not shapes:
+                arg_shapes = sym.infer_shape_partial(data=tuple(data_shape))[0]
+                shapes.update(zip(sym.list_arguments(), arg_shapes))
+            channels = int(shapes[gamma_node["name"]][0])
+        name, placeholder = node["name"], "__prelu_input__"
+        sub_graph = json.loads(build(mx.sym.var(placeholder), name, channels).tojson())
+        sub_nodes = sub_graph["nodes"]
+        sub_map = {}
+        for j, sub in enumerate(sub_nodes):
+            if sub["name"] == placeholder:
+                continue
+            if sub["name"] == name + "_gamma" and sub["op"] == "null":
+                sub_map[j] = gamma_entry[0]
+                continue
+            entries = []
+            for a, o, v in sub["inputs"]:
+                entries.append(list(data_entry) if sub_nodes[a]["name"] == placeholder else [sub_map[a], o, v])
+            sub = dict(sub, inputs=entries)
+            if sub["op"] != "null" and not sub["name"].startswith(name):  # auto names: keep them unique
+                sub["name"] = f"{name}_{sub['name']}"
+            sub_map[j] = len(out_nodes)
+            out_nodes.append(sub)
+        remap[i] = sub_map[sub_graph["heads"][0][0]]
+    graph["nodes"] = out_nodes
+    graph["heads"] = [[remap[a], o, v] for a, o, v in graph["heads"]]
+    graph["arg_nodes"] = [i for i, n in enumerate(out_nodes) if n["op"] == "null"]
+    graph.pop("node_row_ptr", None)
+    return mx.sym.load_json(json.dumps(graph))
+
+
+def convert_prelu(sym: mx.sym.Symbol, mode: str, data_shape: Tuple[int, ...] = (1, 3, 112, 112)) -> mx.sym.Symbol:
+    """``sym`` (stock or ``bn`` PReLU nodes) in PReLU formulation ``mode`` ('bn', 'fast' or 'stock'); the
+    parameters are the same (plus/minus the unit states). ``fast`` graphs cannot be recognised and stay as they are."""
+    if mode != "bn":
+        sym = to_stock_graph(sym)
+    return sym if mode == "stock" else from_stock_graph(sym, mode, data_shape)
+
+
 def checkpoint_form(sym: mx.sym.Symbol, arg: Dict[str, mx.nd.NDArray],
                     aux: Dict[str, mx.nd.NDArray]) -> Tuple[mx.sym.Symbol, dict, dict]:
     """What a checkpoint stores for a training graph: the stock graph and parameters without unit states."""
