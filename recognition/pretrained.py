@@ -319,7 +319,7 @@ def _adopt_bn_attrs(symbol, ckpt_cut, matched: Dict[str, str]) -> Tuple[object, 
 
 def load_pretrained(spec: str, network: Optional[str] = None, emb_size: Optional[int] = None,
                     num_classes: Optional[int] = None, fc7_name: str = "fc7", reset_fc7: bool = False,
-                    allow_missing: bool = False, prelu: str = "fast", ctx=None,
+                    allow_missing: bool = False, prelu: Optional[str] = None, ctx=None,
                     data_shape: Sequence[int] = (3, 112, 112)) -> Pretrained:
     """Load ``spec`` (``PREFIX,EPOCH`` or ``PREFIX-0000.params``) as the starting point of fine-tuning.
 
@@ -332,9 +332,13 @@ def load_pretrained(spec: str, network: Optional[str] = None, emb_size: Optional
     fc7_name : name of the classifier in the new training graph (kept arrays are renamed to it).
     reset_fc7 : drop the checkpoint's classifier even when the classes match.
     allow_missing : report (instead of refusing) backbone parameters that must be re-initialised.
+    prelu : PReLU formulation of the returned graph ('bn', 'fast', 'stock'). None: 'bn' for ``network``, the
+        checkpoint's own graph as it is without. 'bn' graphs' constant unit states come filled in ``aux_params``.
     data_shape : input ``(C, H, W)`` used to infer parameter shapes.
     """
     import mxnet as mx
+
+    from recognition.backbones.fast_prelu import drop_unit_aux, fill_unit_aux
 
     prefix, epoch = parse_prefix_epoch(spec, "--pretrained")
     where = f"--pretrained {prefix},{epoch}"
@@ -366,15 +370,24 @@ def load_pretrained(spec: str, network: Optional[str] = None, emb_size: Optional
     # The graph to train.
     if network is None:
         symbol = set_embedding_size(ckpt_cut, int(emb_size)) if emb_change else ckpt_cut
+        if prelu is not None:
+            from recognition.backbones import convert_prelu
+
+            converted = convert_prelu(symbol, prelu, (1,) + tuple(data_shape))
+            if converted is not symbol:
+                report.notes.append(f"checkpoint graph's PReLU layers trained as prelu={prelu!r} (same parameters; "
+                                    "checkpoints save them back as LeakyReLU)")
+            symbol = converted
     else:
         from recognition.backbones import get_symbol
 
         try:
-            symbol = get_symbol(network, emb_size=emb_size or ckpt_emb, prelu=prelu)
+            symbol = get_symbol(network, emb_size=emb_size or ckpt_emb, prelu=prelu or "bn")
         except mx.base.MXNetError as exc:
             raise ToolkitError(f"--network {network}: cannot build ({_mx_error_line(exc)})") from None
     t_arg, t_aux, out_emb = infer_param_shapes(symbol, data_shape, f"--network {network}" if network else where)
     t_arg = {k: v for k, v in t_arg.items() if not _is_input(k)}
+    t_aux = drop_unit_aux(t_aux)  # prelu='bn' constants: filled below, never looked for in a checkpoint
     emb_layer = set(embedding_layer(symbol)[0])
     if ckpt_emb is None:  # no graph nor sidecar: read it off the (aliased) embedding FC weight
         for n in emb_layer:
@@ -383,9 +396,10 @@ def load_pretrained(spec: str, network: Optional[str] = None, emb_size: Optional
                     ckpt_emb = int(ckpt_arg[cand].shape[0])
         # no --emb-size: follow the checkpoint's width
         if network is not None and emb_size is None and ckpt_emb not in (None, out_emb):
-            symbol = get_symbol(network, emb_size=ckpt_emb, prelu=prelu)
+            symbol = get_symbol(network, emb_size=ckpt_emb, prelu=prelu or "bn")
             t_arg, t_aux, out_emb = infer_param_shapes(symbol, data_shape, f"--network {network}")
             t_arg = {k: v for k, v in t_arg.items() if not _is_input(k)}
+            t_aux = drop_unit_aux(t_aux)
         emb_change = emb_size is not None and ckpt_emb is not None and int(emb_size) != ckpt_emb
 
     if ckpt_cut is None:  # no graph: whatever the new backbone can take by name is not the classifier
@@ -486,6 +500,7 @@ def load_pretrained(spec: str, network: Optional[str] = None, emb_size: Optional
             if name not in claimed:
                 report.unused.append((gluon_renamed.get(name, name), tuple(value.shape)))
 
+    aux_params = fill_unit_aux(symbol, aux_params)
     if ctx is not None:
         arg_params = {k: v.as_in_context(ctx) for k, v in arg_params.items()}
         aux_params = {k: v.as_in_context(ctx) for k, v in aux_params.items()}
