@@ -252,13 +252,18 @@ class Trainer:
         if plan.resume:
             self.embedding_symbol, self.arg_params, self.aux_params, self.opt_states = \
                 cb.load_resume_arrays(plan.resume)
+            from recognition.backbones import convert_prelu
+
+            # a stock graph (older resume state) trains in the configured formulation, not the slow one
+            self.embedding_symbol = convert_prelu(self.embedding_symbol, cfg.get("prelu") or "bn",
+                                                  (1, 3) + tuple(cfg.image_size))
         elif plan.pretrained:
             from recognition.pretrained import load_pretrained
 
             pre = load_pretrained(plan.pretrained, network=cfg.network if cfg.get("network_explicit") else None,
                                   emb_size=cfg.get("emb_size"), num_classes=plan.num_classes,
                                   fc7_name=self.fc7_name, reset_fc7=bool(cfg.reset_fc7),
-                                  allow_missing=bool(cfg.allow_missing), prelu=cfg.get("prelu") or "fast")
+                                  allow_missing=bool(cfg.allow_missing), prelu=cfg.get("prelu") or "bn")
             if plan.loss_cfg.loss in ("triplet", "atriplet", "none"):  # no classifier to take fc7 into
                 from recognition.triplet_mining import drop_classifier
 
@@ -273,7 +278,7 @@ class Trainer:
             from recognition.backbones import get_symbol
 
             self.embedding_symbol = get_symbol(cfg.network, emb_size=cfg.get("emb_size"),
-                                               prelu=cfg.get("prelu") or "fast")
+                                               prelu=cfg.get("prelu") or "bn")
         if plan.get("distill"):
             from recognition.distill import build_distill_symbol
 
@@ -286,6 +291,15 @@ class Trainer:
         else:
             self.train_symbol, self.head_info = build_train_symbol(self.embedding_symbol, plan.num_classes,
                                                                    plan.loss_cfg, self.fc7_name)
+        if self.arg_params or self.aux_params:  # prelu='bn': its constant unit states are never loaded, only filled
+            from recognition.backbones import fill_unit_aux
+
+            self.aux_params = fill_unit_aux(self.embedding_symbol, self.aux_params)
+        from recognition.backbones.fast_prelu import count_prelu
+
+        layers = count_prelu(self.embedding_symbol)
+        if layers["bn"] or layers["stock"]:
+            logger.info("PReLU layers: %d bn, %d stock (prelu=%s)", layers["bn"], layers["stock"], cfg.get("prelu"))
         self._random_graph = _has_random_ops(self.train_symbol)
         from recognition.freeze import stage_table_for
 

@@ -206,6 +206,12 @@ def from_stock_graph(sym: mx.sym.Symbol, mode: str = "bn",
     return mx.sym.load_json(json.dumps(graph))
 
 
+def count_prelu(sym: mx.sym.Symbol) -> Dict[str, int]:
+    """``{'bn': n, 'stock': m}``: :func:`bn_prelu` layers and ``LeakyReLU(act_type='prelu')`` nodes of ``sym``."""
+    nodes = json.loads(sym.tojson())["nodes"]
+    return {"bn": sum(PRELU_MARK in n.get("attrs", {}) for n in nodes), "stock": sum(map(_is_stock_prelu, nodes))}
+
+
 def convert_prelu(sym: mx.sym.Symbol, mode: str, data_shape: Tuple[int, ...] = (1, 3, 112, 112)) -> mx.sym.Symbol:
     """``sym`` (stock or ``bn`` PReLU nodes) in PReLU formulation ``mode`` ('bn', 'fast' or 'stock'); the
     parameters are the same (plus/minus the unit states). ``fast`` graphs cannot be recognised and stay as they are."""
