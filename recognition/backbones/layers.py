@@ -5,7 +5,7 @@ Every block takes explicit names so that parameters come out with insightface's 
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import mxnet as mx
 
@@ -29,7 +29,8 @@ def check_prelu_mode(prelu: str) -> str:
     return prelu
 
 
-def prelu(data: mx.sym.Symbol, name: str, num_channels: int, mode: str = "fast") -> mx.sym.Symbol:
+def prelu(data: mx.sym.Symbol, name: str, num_channels: int, mode: str = "fast",
+          fused: Optional[bool] = None) -> mx.sym.Symbol:
     """Per-channel PReLU ``y = max(x, 0) + gamma * min(x, 0)`` with the slope variable ``NAME_gamma`` of shape (C,).
 
     Inputs: ``data`` (N, C, H, W). Outputs: same shape.
@@ -39,20 +40,21 @@ def prelu(data: mx.sym.Symbol, name: str, num_channels: int, mode: str = "fast")
     :func:`recognition.backbones.fast_prelu.fast_prelu` for the formulation and the measurements behind it.
     ``mode='bn'`` (:func:`~recognition.backbones.fast_prelu.bn_prelu`) is faster still but adds constant auxiliary
     states ``NAME_unit_moving_mean/_var``; checkpoints drop them and store the stock graph (``checkpoint_form``).
+    ``fused``: ``bn_prelu``'s (None: its default).
     """
     if mode == "stock":
         gamma = mx.sym.var(name + "_gamma", shape=(num_channels,), init=mx.init.Constant(0.25))
         return mx.sym.LeakyReLU(data=data, gamma=gamma, act_type="prelu", name=name)
     if mode == "bn":
-        return bn_prelu(data, name, num_channels)
+        return bn_prelu(data, name, num_channels, fused=fused)
     return fast_prelu(data, name, num_channels)
 
 
 def act(data: mx.sym.Symbol, name: str, num_channels: int, act_type: str = "prelu",
-        prelu_mode: str = "fast") -> mx.sym.Symbol:
+        prelu_mode: str = "fast", fused: Optional[bool] = None) -> mx.sym.Symbol:
     """Activation by insightface's ``net_act`` name: ``prelu`` (parameter ``NAME_gamma``) or an ``Activation``."""
     if act_type == "prelu":
-        return prelu(data, name, num_channels, prelu_mode)
+        return prelu(data, name, num_channels, prelu_mode, fused)
     return mx.sym.Activation(data=data, act_type=act_type, name=name)
 
 

@@ -23,7 +23,9 @@ class _Ctx:
         self.prelu_mode, self.bn_mom, self.act_type = prelu_mode, bn_mom, act_type
 
     def act(self, data, name: str, channels: int):
-        return act(data, name, channels, self.act_type, self.prelu_mode)
+        # fused=False: with the fused BatchNormWithReLU, MKLDNN fails in the backward of vargface_head_conv1
+        # ("could not create a primitive descriptor iterator", MXNet 1.9.1 CPU); the plain BatchNorm form works
+        return act(data, name, channels, self.act_type, self.prelu_mode, fused=False)
 
 
 def separable(data, ctx: _Ctx, in_ch: int, out_ch: int, stride, factor: int, name: str, act_dw: bool = True,
