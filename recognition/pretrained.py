@@ -346,6 +346,7 @@ def load_pretrained(spec: str, network: Optional[str] = None, emb_size: Optional
     need_symbol = network is None or os.path.isfile(sym_path)
     ckpt_sym, raw_arg, raw_aux = load_checkpoint(prefix, epoch, need_symbol=need_symbol)
     ckpt_arg, ckpt_aux, gluon_renamed = _normalise_names(raw_arg, raw_aux)
+    ckpt_aux = drop_unit_aux(ckpt_aux)  # a bn graph saved without checkpoint_form: constants, not weights
     meta = read_meta(prefix)
     report = LoadReport(spec=f"{prefix},{epoch}", network=network or "checkpoint graph")
     if gluon_renamed:
