@@ -48,9 +48,9 @@ def test_same_result_as_train_py_and_interchangeable_checkpoints(runs, tiny_data
     assert sorted(arg_t) == sorted(arg_p) and arg_p["fc7_weight"].shape == (tiny_data["num_classes"], 128)
     assert sym_t.list_arguments() == sym_p.list_arguments()  # same full training graph: loads in either script
     # ArcFace at s=64 with lr 0.05 amplifies float summation-order differences (fc7 gradient summed per shard here,
-    # per device slice in train.py); the op-level equivalence to 1e-4 is in test_parallel_fc.py
+    # per device slice in train.py; prelu='bn' adds BatchNorm reductions: conv0 differs by up to ~6e-4); the op-level equivalence to 1e-4 is in test_parallel_fc.py
     for name in arg_t:
-        np.testing.assert_allclose(arg_p[name].asnumpy(), arg_t[name].asnumpy(), rtol=1e-3, atol=3e-4,
+        np.testing.assert_allclose(arg_p[name].asnumpy(), arg_t[name].asnumpy(), rtol=1e-3, atol=1e-3,
                                    err_msg=name)
 
 
