@@ -237,7 +237,7 @@ def test_report_format_and_save(tmp_path):
 def test_network_tiny_positional_match(tmp_path):
     from recognition.backbones import get_symbol
 
-    emb_sym = get_symbol("tiny", emb_size=8)
+    emb_sym = get_symbol("tiny", emb_size=8, prelu="stock")  # a checkpoint graph
     full = with_head(emb_sym, 5)
     arg, aux = random_params(full, seed=3)
     renamed = dict(arg)
