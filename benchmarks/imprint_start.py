@@ -82,8 +82,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             recs = read_metrics(os.path.join(s["run_dir"], "metrics.jsonl"), "train")
             accs = np.array([r["acc"] for r in recs])
             rows.append((m, init, accs[0], accs[: min(5, len(accs))].mean(), accs[-1], recs[0]["loss"]))
-    print(f"\n{args.loss} s={args.margin_s:g}, {classes} classes (chance {1.0 / classes:.4f}), pretrained {pretrained}, "
-          f"data {data}, head stage lr {args.lr:g}")
+    print(f"\n{args.loss} s={args.margin_s:g}, {classes} classes (chance {1.0 / classes:.4f}), "
+          f"pretrained {pretrained}, data {data}, head stage lr {args.lr:g}")
     print(f"{'margin':>7}  {'fc7 init':<9}{'acc step 1':>11}{'acc 1-5':>9}{f'acc {args.steps}':>9}{'loss step 1':>13}")
     for m, init, a1, a5, alast, l1 in rows:
         print(f"{m:>7g}  {init:<9}{a1:>11.4f}{a5:>9.4f}{alast:>9.4f}{l1:>13.3f}")
