@@ -36,6 +36,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--lr", type=float, default=0.05)
     ap.add_argument("--lr2", type=float, default=None, help="lr of the ArcFace run of the recipe (default lr/5)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--margin-s", type=float, default=32.0,
+                    help="ArcFace scale of the ArcFace runs (insightface's 64 barely moves tiny in a short run)")
+    ap.add_argument("--margin-m", type=float, default=0.3, help="ArcFace margin of the ArcFace runs")
     args = ap.parse_args(argv)
     from datasets.synth import generate_dataset
 
@@ -48,8 +51,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               "--lr", str(args.lr), "--seed", str(args.seed), "--eval-pretrained"]
     half = max(1, args.steps // 2)
     rows = []
+    arc = ["--set", f"margin_s={args.margin_s}", "--set", f"margin_m={args.margin_m}"]
     for name, loss, steps, extra in (("softmax", "softmax", args.steps, []),
-                                     ("arcface", "arcface", args.steps, []),
+                                     ("arcface", "arcface", args.steps, arc),
                                      ("softmax->arcface (1/2)", "softmax", half, [])):
         t0 = time.time()
         if steps == half:  # the two-run recipe: save the full training graph, so run 2 keeps the classifier
@@ -62,16 +66,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             t0 = time.time()
             # same classes: --pretrained keeps run 1's fc7 (insightface's recipe); a lower lr with warm-up, since
             # the margin makes the loss jump and a full lr would undo run 1 in the first updates
-            s2 = _train(common + ["--loss", "arcface", "--max-steps", str(args.steps - half), "--pretrained", ck,
-                                  "--network", "tiny", "--lr", str(args.lr2 if args.lr2 else args.lr / 5),
-                                  "--warmup-steps", str(max(1, (args.steps - half) // 10)),
-                                  "--models-root", os.path.join(args.out, "runs", "two_run")])
+            s2 = _train(common + arc + ["--loss", "arcface", "--max-steps", str(args.steps - half),
+                                        "--pretrained", ck, "--network", "tiny",
+                                        "--lr", str(args.lr2 if args.lr2 else args.lr / 5),
+                                        "--warmup-steps", str(max(1, (args.steps - half) // 10)),
+                                        "--models-root", os.path.join(args.out, "runs", "two_run")])
             with open(os.path.join(s2["run_dir"], "load_report.json")) as f:
                 kept = any(item["name"] == "fc7_weight" for item in json.load(f)["loaded"])
             print(f"two-run recipe: run 2 {'kept' if kept else 'did NOT keep'} run 1's fc7_weight")
             rows.append(("softmax->arcface (2/2)", s2["before"]["synth_val"], s2["final"]["synth_val"],
                          args.steps - half, time.time() - t0))
-    print(f"\nheld-out verification (synth_val, 400 pairs of unseen identities), tiny, batch {args.per_batch_size}")
+    print(f"\nheld-out verification (synth_val, 400 pairs of unseen identities), tiny, batch {args.per_batch_size}, "
+          f"ArcFace s={args.margin_s:g} m={args.margin_m:g}")
     print(f"{'run':<24}{'steps':>6}{'before':>9}{'after':>9}{'seconds':>9}")
     for name, b, a, steps, sec in rows:
         print(f"{name:<24}{steps:>6}{b:>9.4f}{a:>9.4f}{sec:>9.0f}")
