@@ -17,6 +17,8 @@ from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 from recognition.common import ToolkitError
 
 EMBEDDING_STAGE = "embedding"
+# Dropout (insightface's 'E' head: bn1 -> Dropout(0.4) -> pre_fc1) during the 'head' stage; see the module docstring
+HEAD_STAGE_DROPOUT = False
 # Checkpoint graphs without a --network: stage tables inferred from insightface's naming.
 _FRESNET_TABLE = [("stem", r"^(conv0|bn0|relu0)_")] + [(f"stage{i}", rf"^stage{i}_") for i in range(1, 5)] + \
     [(EMBEDDING_STAGE, r"^(bn1|pre_fc1|fc1)_")]
@@ -173,7 +175,7 @@ def stage_plan(symbol, stage: Stage, stage_table: Sequence[Tuple[str, str]], fro
     """``(fixed_param_names, frozen_bn_names)`` of ``symbol`` (training or embedding graph) during ``stage``.
 
     'head': every backbone parameter is fixed except the embedding stage (and fc7 / other loss-head parameters);
-    their BatchNorms are frozen. 'STAGE+': stages before STAGE fixed. ``frozen_stages`` K fixes the first K stages
+    every BatchNorm is frozen, the embedding stage's included (its gamma/beta still train). 'STAGE+': stages before STAGE fixed. ``frozen_stages`` K fixes the first K stages
     in every phase. ``bn_mode='frozen'`` freezes every BatchNorm's statistics (mmpretrain's ``norm_eval``).
     Backbone = the ancestry of ``fc1_output``; parameters outside it (fc7, margins, centres) are never fixed.
     """
@@ -212,9 +214,33 @@ def stage_plan(symbol, stage: Stage, stage_table: Sequence[Tuple[str, str]], fro
         if (idx is not None and idx < first_trained) or (idx is None and stage.name == "head"):
             fixed.append(n)
     fixed_set = set(fixed)
+    # 'head': every BatchNorm keeps its statistics, the embedding layer's too (its gamma/beta still train)
     frozen_bn = [bn for bn, inputs in _batchnorm_nodes(symbol)
-                 if bn_mode == "frozen" or (inputs and inputs[0] in fixed_set)]
+                 if bn_mode == "frozen" or stage.name == "head" or (inputs and inputs[0] in fixed_set)]
     return fixed, frozen_bn
+
+
+def without_dropout(symbol) -> object:
+    """A copy of ``symbol`` whose Dropout nodes are identities (``_copy``, same node names); no Dropout -> as is."""
+    import mxnet as mx
+
+    graph = json.loads(symbol.tojson())
+    found = False
+    for node in graph["nodes"]:
+        if node["op"] == "Dropout":
+            node["op"], found = "_copy", True
+            node.pop("attrs", None)
+            node.pop("param", None)
+    return mx.sym.load_json(json.dumps(graph)) if found else symbol
+
+
+def stage_symbol(symbol, stage: Stage, frozen_bn: Sequence[str]) -> object:
+    """The graph trained during ``stage``: ``frozen_bn`` frozen and, in the 'head' stage unless
+    ``HEAD_STAGE_DROPOUT``, no Dropout (see the module docstring)."""
+    out = freeze_batchnorm(symbol, frozen_bn)
+    if stage.name == "head" and not HEAD_STAGE_DROPOUT:
+        out = without_dropout(out)
+    return out
 
 
 def freeze_batchnorm(symbol, bn_names: Sequence[str]) -> object:

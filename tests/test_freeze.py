@@ -7,7 +7,7 @@ import pytest
 
 from recognition.common import ToolkitError
 from recognition.freeze import (Stage, freeze_batchnorm, param_multipliers, parse_stages, stage_at, stage_plan,
-                                stage_table_for)
+                                stage_symbol, stage_table_for, without_dropout)
 
 SHAPE = (4, 3, 16, 16)
 FRESNET_NAMES = ["data", "conv0_weight", "bn0_gamma", "bn0_beta", "relu0_gamma", "stage1_unit1_conv1_weight",
@@ -17,7 +17,7 @@ FRESNET_NAMES = ["data", "conv0_weight", "bn0_gamma", "bn0_beta", "relu0_gamma",
 
 
 def train_symbol(num_classes=5):
-    """Stem, two stages, embedding head (bn1 -> pre_fc1 -> fc1) and fc7 + softmax, insightface names."""
+    """Stem, two stages, embedding head (bn1 -> Dropout -> pre_fc1 -> fc1, insightface's 'E') and fc7 + softmax."""
     x = (mx.sym.Variable("data") - 127.5) * 0.0078125
     x = mx.sym.Convolution(x, num_filter=4, kernel=(3, 3), stride=(2, 2), pad=(1, 1), no_bias=True, name="conv0")
     x = mx.sym.BatchNorm(x, fix_gamma=False, name="bn0")
@@ -27,6 +27,7 @@ def train_symbol(num_classes=5):
         x = mx.sym.BatchNorm(x, fix_gamma=False, name=f"stage{i}_unit1_bn1")
         x = mx.sym.Activation(x, act_type="relu")
     x = mx.sym.BatchNorm(x, fix_gamma=False, name="bn1")
+    x = mx.sym.Dropout(x, p=0.4)
     x = mx.sym.FullyConnected(x, num_hidden=6, name="pre_fc1")
     emb = mx.sym.BatchNorm(x, fix_gamma=True, name="fc1")
     fc7 = mx.sym.FullyConnected(emb, num_hidden=num_classes, no_bias=True, name="fc7")
@@ -83,7 +84,8 @@ def test_stage_tables_inferred(fixture_model):
     trained = [n for n in sym.list_arguments() if n not in fixed and n != "data"]
     assert trained == ["conv_6dw7_7_conv2d_weight", "conv_6dw7_7_batchnorm_gamma", "conv_6dw7_7_batchnorm_beta",
                        "fc1_weight", "pre_fc1_bias", "fc1_gamma", "fc1_beta"]
-    assert "conv_6sep_batchnorm" in frozen and "fc1" not in frozen
+    assert "conv_6sep_batchnorm" in frozen and "fc1" in frozen  # 'head': every BatchNorm keeps its statistics
+    assert len(frozen) == sum(1 for n in json.loads(sym.tojson())["nodes"] if n["op"] == "BatchNorm")
     unknown = stage_table_for(None, ["data", "blockA_weight", "pre_fc1_weight", "fc1_gamma"])
     assert [s for s, _ in unknown] == ["backbone", "embedding"]
 
@@ -156,28 +158,50 @@ def start():
 
 
 def test_head_stage_keeps_backbone_bit_identical_then_all_trains_it(start):
+    """'head': backbone parameters and EVERY BatchNorm statistic (embedding layer's bn1/fc1 too) bit-identical,
+    embedding-layer gamma/beta, pre_fc1 and fc7 train; 'all': everything trains, statistics too."""
     sym, arg, aux = start
     table = stage_table_for(None, sym.list_arguments())
     fixed, frozen_bn = stage_plan(sym, Stage("head", 3), table)
     assert set(fixed) == {"conv0_weight", "bn0_gamma", "bn0_beta", "relu0_gamma", "stage1_unit1_conv1_weight",
                           "stage1_unit1_bn1_gamma", "stage1_unit1_bn1_beta", "stage2_unit1_conv1_weight",
                           "stage2_unit1_bn1_gamma", "stage2_unit1_bn1_beta"}
-    new_arg, new_aux = _train(freeze_batchnorm(sym, frozen_bn), fixed, arg, aux)
+    assert frozen_bn == ["bn0", "stage1_unit1_bn1", "stage2_unit1_bn1", "bn1", "fc1"]
+    new_arg, new_aux = _train(stage_symbol(sym, Stage("head", 3), frozen_bn), fixed, arg, aux)
     for name in fixed:
         np.testing.assert_array_equal(new_arg[name], arg[name].asnumpy(), err_msg=name)
-    for bn in frozen_bn:
-        for stat in ("moving_mean", "moving_var"):
-            np.testing.assert_array_equal(new_aux[f"{bn}_{stat}"], aux[f"{bn}_{stat}"].asnumpy())
-    for name in ("pre_fc1_weight", "bn1_gamma", "fc7_weight"):
+    assert set(new_aux) == set(aux) and len(aux) == 10
+    for name in aux:  # every moving mean/var
+        np.testing.assert_array_equal(new_aux[name], aux[name].asnumpy(), err_msg=name)
+    for name in ("pre_fc1_weight", "bn1_gamma", "bn1_beta", "fc1_beta", "fc7_weight"):
         assert not np.array_equal(new_arg[name], arg[name].asnumpy()), name
-    assert not np.array_equal(new_aux["fc1_moving_mean"], aux["fc1_moving_mean"].asnumpy())
 
     fixed_all, frozen_all = stage_plan(sym, Stage("all", None), table)
     assert fixed_all == [] and frozen_all == []
-    new_arg, new_aux = _train(freeze_batchnorm(sym, frozen_all), fixed_all, arg, aux)
+    new_arg, new_aux = _train(stage_symbol(sym, Stage("all", None), frozen_all), fixed_all, arg, aux)
     for name in fixed:
         assert not np.array_equal(new_arg[name], arg[name].asnumpy()), name
     assert not np.array_equal(new_aux["bn0_moving_var"], aux["bn0_moving_var"].asnumpy())
+    assert not np.array_equal(new_aux["fc1_moving_mean"], aux["fc1_moving_mean"].asnumpy())
+
+
+def test_head_stage_graph_is_the_inference_function(start):
+    """The 'head' training graph's forward (is_train=True) equals the inference forward imprinting used: frozen
+    statistics everywhere and no Dropout; the 'all' graph keeps its Dropout."""
+    sym, arg, aux = start
+    table = stage_table_for(None, sym.list_arguments())
+    head = stage_symbol(sym, Stage("head", 3), stage_plan(sym, Stage("head", 3), table)[1])
+    ops = [n["op"] for n in json.loads(head.tojson())["nodes"]]
+    assert "Dropout" not in ops and head.list_arguments() == sym.list_arguments()
+    assert "Dropout" in [n["op"] for n in json.loads(stage_symbol(sym, Stage("all", None), []).tojson())["nodes"]]
+    assert without_dropout(head) is head
+    x = mx.nd.array(np.random.RandomState(2).uniform(0, 255, SHAPE))
+    feats = []
+    for graph, is_train in ((head, True), (sym, False)):
+        fc1 = graph.get_internals()["fc1_output"]
+        ex = fc1.bind(mx.cpu(), dict(arg, data=x), aux_states={k: v.copy() for k, v in aux.items()})
+        feats.append(ex.forward(is_train=is_train)[0].asnumpy())
+    np.testing.assert_allclose(feats[0], feats[1], rtol=1e-5, atol=1e-5)
 
 
 def test_zero_multipliers_keep_fc7_bit_identical(start):
