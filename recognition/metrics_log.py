@@ -2,11 +2,13 @@
 
 ``metrics.jsonl`` holds one object per line::
 
-    {"kind": "train", "step": 12, "epoch": 0, "stage": "head", "lr": 0.1, "loss": 2.31, "acc": 0.25, "time": ...}
+    {"kind": "train", "step": 12, "epoch": 0, "stage": "head", "lr": 0.1, "loss": 2.31, "acc": 0.25,
+     "acc_nomargin": 0.4, "time": ...}
     {"kind": "verify", "step": 100, "target": "lfw", "acc": 0.991, "std": 0.004, "xnorm": 21.3}
     {"kind": "checkpoint", "step": 100, "epoch": 1, "path": "models/.../model-0001.params"}
 
-``step`` is the global batch count after the update (1-based).
+``step`` is the global batch count after the update (1-based). ``acc`` is insightface's training accuracy (argmax
+of the margin logits); ``acc_nomargin`` the argmax of the plain cosine logits (equal to ``acc`` for softmax).
 """
 from __future__ import annotations
 
@@ -75,16 +77,22 @@ class Window:
 
     def reset(self) -> None:
         self.t0, self.n, self.loss, self.acc = time.time(), 0, 0.0, 0.0
+        self.n_nm, self.acc_nm = 0, 0.0
 
-    def add(self, loss: float, acc: Optional[float]) -> None:
+    def add(self, loss: float, acc: Optional[float], acc_nomargin: Optional[float] = None) -> None:
         self.n += 1
         self.loss += loss
         self.acc += acc if acc is not None else 0.0
+        if acc_nomargin is not None:
+            self.n_nm += 1
+            self.acc_nm += acc_nomargin
 
     def report(self, epoch: int, nbatch: int, lr: float, stage: str, has_acc: bool) -> str:
         dt = max(time.time() - self.t0, 1e-9)
         speed = self.n * self.batch_size / dt
         acc = f"\tacc={self.acc / max(self.n, 1):.6f}" if has_acc else ""
+        if has_acc and self.n_nm:  # argmax of the cosine logits, no margin (the margin acc under-reads)
+            acc += f"\tacc_nomargin={self.acc_nm / self.n_nm:.6f}"
         loss = self.loss / max(self.n, 1)
         line = (f"Epoch[{epoch}] Batch [{nbatch}]\tSpeed: {speed:.2f} samples/sec\tloss={loss:.6f}"
                 f"{acc}\tlr={lr:.6g}\tstage={stage}")
@@ -114,7 +122,11 @@ def plot_curves(metrics_path: str, png_path: str) -> Optional[str]:
     axes[0].set_title("training loss")
     accs = [(r["step"], r["acc"]) for r in train if r.get("acc") is not None]
     if accs:
-        axes[1].plot(*zip(*accs), lw=0.8)
+        axes[1].plot(*zip(*accs), lw=0.8, label="margin")
+    nomargin = [(r["step"], r["acc_nomargin"]) for r in train if r.get("acc_nomargin") is not None]
+    if nomargin:
+        axes[1].plot(*zip(*nomargin), lw=0.8, label="no margin")
+        axes[1].legend()
     axes[1].set_title("training accuracy")
     for name, pts in sorted(verify.items()):
         axes[2].plot(*zip(*pts), marker="o", label=name)

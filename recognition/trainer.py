@@ -339,13 +339,13 @@ class Trainer:
 
     def _make_module(self, stage_idx: int, arg: dict, aux: dict):
         """Bind a Module for stage ``stage_idx``: its fixed parameters, frozen BatchNorms and multipliers."""
-        from recognition.freeze import freeze_batchnorm, param_multipliers, stage_plan
+        from recognition.freeze import param_multipliers, stage_plan, stage_symbol
 
         cfg = self.cfg
         stage = self.plan.stages[stage_idx]
         fixed, frozen_bn = stage_plan(self.train_symbol, stage, self.stage_table, int(cfg.frozen_stages or 0),
                                       self.fc7_name, cfg.bn_mode)
-        symbol = freeze_batchnorm(self.train_symbol, frozen_bn)
+        symbol = stage_symbol(self.train_symbol, stage, frozen_bn)  # + no Dropout in 'head' (freeze.py)
         inputs = ["data"] + [d.name for d in self.data.provide_label]  # softmax_label (+ teacher_emb)
         mod = mx.mod.Module(symbol, data_names=["data"], label_names=inputs[1:], context=self.ctx,
                             fixed_param_names=fixed)
@@ -430,6 +430,28 @@ class Trainer:
             extra = {name: float(o.asnumpy().mean()) for name, o in zip(self.head_info["outputs"][2:], outs[2:])}
             return loss + sum(extra.values()), acc, extra
         return float(outs[0].asnumpy().mean()), None, {}
+
+    def _acc_nomargin(self, batch, acc: Optional[float]) -> Optional[float]:
+        """Training accuracy without the margin: argmax over classes of cos(embedding, fc7 row) vs the label.
+
+        From the forward pass just run (the ``<emb>_emb`` output, all devices) and fc7 as it was in that pass
+        (device 0's copy, read before the update), on device. None without a single fc7 (triplet, model parallel);
+        ``acc`` itself for plain softmax, whose logits carry no margin.
+        """
+        if acc is None or self.head_info["metric"] != "acc" or not self.head_info["outputs"][1].endswith("_emb_output"):
+            return None
+        if self.plan.loss_cfg.loss == "softmax":
+            return acc
+        group = self.module._exec_group
+        weight = f"{self.fc7_name}_weight"
+        if weight not in group.param_names:
+            return None
+        w = group.param_arrays[group.param_names.index(weight)][0]
+        emb = self.module.get_outputs(merge_multi_context=True)[1].as_in_context(w.context)
+        cos = mx.nd.dot(mx.nd.L2Normalization(emb, mode="instance"), mx.nd.L2Normalization(w, mode="instance"),
+                        transpose_b=True)
+        pred = mx.nd.argmax(cos, axis=1).asnumpy().astype(np.int64)
+        return float(np.mean(pred == batch.label[0].asnumpy().astype(np.int64)))
 
     def _verify(self, arg, aux) -> Dict[str, dict]:
         results = self.verifier(self.embedding_symbol, arg, aux)
@@ -561,13 +583,15 @@ class Trainer:
             loss, acc, extra = self._batch_metrics(batch)
             if not math.isfinite(loss):
                 self._diverged(loss, lr)
+            acc_nm = self._acc_nomargin(batch, acc)
+            extra_log = dict(extra, acc_nomargin=acc_nm) if acc_nm is not None else extra
             self.module.update()
             self.step += 1
             state = self.data.get_state()
             stage = plan.stages[self.stage_idx].name
             self.metrics.write("train", step=self.step, epoch=state["epoch"], stage=stage, lr=lr, loss=loss,
-                               acc=acc, time=round(time.time() - t0, 3), **extra)
-            window.add(loss, acc)
+                               acc=acc, time=round(time.time() - t0, 3), **extra_log)
+            window.add(loss, acc, acc_nm)
             if self.step % int(cfg.frequent) == 0:
                 logger.info(window.report(state["epoch"], state["cursor"], lr, stage, acc is not None))
             if self.step % int(cfg.verbose) == 0:

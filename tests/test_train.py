@@ -208,3 +208,29 @@ def test_pretrained_without_emb_size_keeps_the_checkpoint_width(tiny_data, tmp_p
         assert emb_w and all(np.array_equal(t.arg_params[k].asnumpy(), arg0[k].asnumpy()) for k in emb_w)
     t = make_trainer(common + ["--emb-size", "32", "--prefix", str(tmp_path / "ft32" / "model")])
     assert _emb_width(t) == 32  # an explicit --emb-size still re-creates the embedding layer
+
+
+def test_acc_nomargin_is_the_cosine_argmax_of_the_batch(tiny_data, tmp_path, monkeypatch):
+    """metrics.jsonl's acc_nomargin = numpy argmax of cos(embedding output, fc7 rows as in that forward) vs label;
+    the margin accuracy ``acc`` stays insightface's (softmax over the margin logits)."""
+    seen = []
+    real = Trainer._acc_nomargin
+
+    def spy(self, batch, acc):
+        outs = self.module.get_outputs(merge_multi_context=True)
+        w = self.module.get_params()[0]["fc7_weight"].asnumpy()
+        value = real(self, batch, acc)
+        seen.append((outs[1].asnumpy(), w, batch.label[0].asnumpy().astype(int), outs[0].asnumpy(), acc, value))
+        return value
+
+    monkeypatch.setattr(Trainer, "_acc_nomargin", spy)
+    t = make_trainer(base_args(tiny_data, tmp_path, "--set", "margin_s=32", "--set", "margin_m=0.5",
+                               loss="arcface", steps=3))
+    summary = t.fit()
+    recs = read_metrics(os.path.join(summary["run_dir"], "metrics.jsonl"), "train")
+    assert len(seen) == len(recs) == 3
+    for (emb, w, label, prob, acc, value), rec in zip(seen, recs):
+        cos = (emb / np.linalg.norm(emb, axis=1, keepdims=True)) @ (w / np.linalg.norm(w, axis=1, keepdims=True)).T
+        assert value == rec["acc_nomargin"] == float(np.mean(cos.argmax(axis=1) == label))
+        assert rec["acc"] == acc == float(np.mean(prob.argmax(axis=1) == label))
+        assert rec["acc_nomargin"] >= rec["acc"]  # right with the margin -> right without it
