@@ -7,7 +7,8 @@ backbone) and print the first logged training accuracies next to chance (1 / cla
 
 The accuracy is the trainer's (insightface's): argmax of the softmax over the *margin* logits, so with a margin it
 reads far lower than the cosine classifier really is (ArcFace m=0.3 asks cos(theta_y + 0.3) to beat every other
-class); margin 0 shows the plain cosine accuracy. Both are run (``--margins``).
+class); ``nomargin`` columns are the trainer's ``acc_nomargin`` (argmax of the plain cosine logits) of the same
+batches. Both margins are run (``--margins``).
 """
 from __future__ import annotations
 
@@ -81,12 +82,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         "--prefix", os.path.join(args.out, f"ft_{init}_m{m:g}", "model")])
             recs = read_metrics(os.path.join(s["run_dir"], "metrics.jsonl"), "train")
             accs = np.array([r["acc"] for r in recs])
-            rows.append((m, init, accs[0], accs[: min(5, len(accs))].mean(), accs[-1], recs[0]["loss"]))
+            nm = np.array([r.get("acc_nomargin", np.nan) for r in recs])
+            rows.append((m, init, accs[0], accs[: min(5, len(accs))].mean(), accs[-1], nm[0], nm[-1],
+                         recs[0]["loss"], recs[-1]["loss"]))
     print(f"\n{args.loss} s={args.margin_s:g}, {classes} classes (chance {1.0 / classes:.4f}), "
           f"pretrained {pretrained}, data {data}, head stage lr {args.lr:g}")
-    print(f"{'margin':>7}  {'fc7 init':<9}{'acc step 1':>11}{'acc 1-5':>9}{f'acc {args.steps}':>9}{'loss step 1':>13}")
-    for m, init, a1, a5, alast, l1 in rows:
-        print(f"{m:>7g}  {init:<9}{a1:>11.4f}{a5:>9.4f}{alast:>9.4f}{l1:>13.3f}")
+    last = args.steps
+    print(f"{'margin':>7}  {'fc7 init':<9}{'acc step 1':>11}{'acc 1-5':>9}{f'acc {last}':>9}{'nomargin 1':>11}"
+          f"{f'nomargin {last}':>12}{'loss 1':>8}{f'loss {last}':>9}")
+    for m, init, a1, a5, alast, n1, nlast, l1, llast in rows:
+        print(f"{m:>7g}  {init:<9}{a1:>11.4f}{a5:>9.4f}{alast:>9.4f}{n1:>11.4f}{nlast:>12.4f}{l1:>8.3f}{llast:>9.3f}")
     return 0
 
 
