@@ -11,7 +11,6 @@ through an ``mmap`` of the rec so that many threads can read records at once wit
 from __future__ import annotations
 
 import contextlib
-import io as _stdio
 import mmap
 import os
 import pickle
@@ -346,20 +345,83 @@ def write_dataset(out_dir: str, samples: Sequence[Tuple[int, object]], num_class
 
 
 # -- verification .bin ---------------------------------------------------------------------------------------------
-_ALLOWED_GLOBALS = {
-    ("numpy.core.multiarray", "_reconstruct"), ("numpy", "ndarray"), ("numpy", "dtype"),
-    ("numpy.core.multiarray", "scalar"), ("_codecs", "encode"), ("builtins", "bytearray"),
-    ("__builtin__", "bytearray"),
-}
+def _latin1_encode(text, encoding="latin1"):
+    """Python 3 writes ``bytes`` in protocol-2 pickles as ``_codecs.encode(str, 'latin1')``: allow only that."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError("_codecs.encode is only allowed as encode(str, 'latin1')")
+    return text.encode("latin1")
 
 
-class _BinUnpickler(pickle.Unpickler):
-    """Only plain containers, bytes, bools, numbers and numpy arrays may come out; anything else is refused."""
+def _safe_dtype(spec, align=False, copy=False):
+    """``numpy.dtype`` restricted to plain numeric/bool dtypes (no object arrays: those unpickle arbitrary globals)."""
+    dt = np.dtype(spec)
+    if dt.kind not in "biuf" or dt.hasobject:
+        raise pickle.UnpicklingError(f"numpy dtype {dt} is not allowed")
+    return dt
+
+
+def _safe_reconstruct(cls, shape, dtype_code):
+    """``numpy.core.multiarray._reconstruct`` for plain ``ndarray`` only (the array data follows in BUILD)."""
+    if cls is not np.ndarray:
+        raise pickle.UnpicklingError("_reconstruct is only allowed for numpy.ndarray")
+    return np.ndarray.__new__(np.ndarray, shape, dtype_code)
+
+
+def _safe_scalar(dtype, data=None):
+    """``numpy.core.multiarray.scalar`` for bool/int scalars (issame lists saved as numpy booleans)."""
+    if not isinstance(dtype, np.dtype) or dtype.kind not in "biu":
+        raise pickle.UnpicklingError("numpy scalar is only allowed for bool/int dtypes")
+    return np.frombuffer(data, dtype=dtype, count=1)[0]
+
+
+def _safe_bytearray(data=b"", encoding="latin1"):
+    """``bytearray`` from bytes, or from a latin-1 ``str`` (how protocol-2 pickles write it); nothing else."""
+    if isinstance(data, str) and encoding in ("latin1", "latin-1"):
+        return bytearray(data.encode("latin1"))
+    if not isinstance(data, (bytes, bytearray)):
+        raise pickle.UnpicklingError("bytearray is only allowed from bytes or a latin-1 str")
+    return bytearray(data)
+
+
+_ALLOWED = {("_codecs", "encode"): _latin1_encode, ("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): _safe_dtype,
+            ("builtins", "bytearray"): _safe_bytearray, ("__builtin__", "bytearray"): _safe_bytearray}
+for _mod in ("numpy.core.multiarray", "numpy._core.multiarray"):  # numpy 1.x and 2.x pickles
+    _ALLOWED[(_mod, "_reconstruct")] = _safe_reconstruct
+    _ALLOWED[(_mod, "scalar")] = _safe_scalar
+
+
+class _SafeUnpickler(pickle.Unpickler):
+    """Unpickler whose globals are limited to :data:`_ALLOWED`: only bytes, arrays, lists, tuples, bools, ints.
+
+    The one restricted unpickler for insightface ``.bin`` files (also :func:`recognition.verification.read_bin`).
+    """
+
+    def __init__(self, f, path: str):
+        super().__init__(f, encoding="bytes")  # insightface's bins are Python 2 pickles of ``str`` bytes
+        self._path = path
 
     def find_class(self, module, name):
-        if (module, name) in _ALLOWED_GLOBALS:
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"refusing to load global {module}.{name}")
+        key = (module, name)
+        if key not in _ALLOWED:
+            raise ToolkitError(f"{self._path}: refusing to unpickle forbidden global {module}.{name} "
+                               "(a .bin may only hold image bytes, arrays, lists and bools)")
+        return _ALLOWED[key]
+
+    def persistent_load(self, pid):
+        raise ToolkitError(f"{self._path}: refusing a pickle persistent id (not an insightface .bin)")
+
+
+def safe_load_pickle(path: str) -> object:
+    """Unpickle ``path`` with :class:`_SafeUnpickler`; errors become one-line :class:`ToolkitError` naming the file."""
+    if not os.path.isfile(path):
+        raise ToolkitError(f"verification set {path} does not exist")
+    try:
+        with open(path, "rb") as f:
+            return _SafeUnpickler(f, path).load()
+    except ToolkitError:
+        raise
+    except Exception as exc:  # UnpicklingError, EOFError, ValueError from a truncated or foreign file
+        raise ToolkitError(f"{path}: not a readable insightface .bin pickle ({type(exc).__name__}: {exc})") from None
 
 
 def safe_load_bin_pickle(path: str) -> Tuple[List[bytes], List[bool]]:
@@ -368,20 +430,7 @@ def safe_load_bin_pickle(path: str) -> Tuple[List[bytes], List[bool]]:
     Accepts Python 2 pickles (``str`` images read as bytes) and numpy-array images (returned as bytes).
     Checks: two lists, ``len(images) == 2 * len(issame)``.
     """
-    if not os.path.isfile(path):
-        raise ToolkitError(f"{path}: verification .bin does not exist")
-    with open(path, "rb") as f:
-        raw = f.read()
-    obj = None
-    for enc in ("ASCII", "bytes"):
-        try:
-            obj = _BinUnpickler(_stdio.BytesIO(raw), encoding=enc).load()
-            break
-        except UnicodeDecodeError:
-            continue
-        except Exception as exc:
-            raise ToolkitError(f"{path}: not a verification .bin pickle ({type(exc).__name__}: "
-                               f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+    obj = safe_load_pickle(path)
     if not isinstance(obj, (tuple, list)) or len(obj) != 2:
         raise ToolkitError(f"{path}: expected a pickle of (images, issame), got {type(obj).__name__}")
     images, issame = obj

@@ -21,79 +21,13 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from recognition.common import ToolkitError, atomic_write, load_checkpoint, parse_ctx, parse_prefix_epoch, run_cli
+from recognition.rec import safe_load_pickle  # noqa: F401  (public here too: the one restricted .bin unpickler)
 
 logger = logging.getLogger("recognition")
 
 THRESHOLDS = np.arange(0, 4, 0.01)
 EMBED_NODE = "fc1_output"
 EmbedFn = Callable[[np.ndarray], np.ndarray]
-
-
-# ----------------------------------------------------------------------------------------------- safe unpickling
-def _latin1_encode(text, encoding="latin1"):
-    """Python 3 writes ``bytes`` in protocol-2 pickles as ``_codecs.encode(str, 'latin1')``: allow only that."""
-    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
-        raise pickle.UnpicklingError("_codecs.encode is only allowed as encode(str, 'latin1')")
-    return text.encode("latin1")
-
-
-def _safe_dtype(spec, align=False, copy=False):
-    """``numpy.dtype`` restricted to plain numeric/bool dtypes (no object arrays: those unpickle arbitrary globals)."""
-    dt = np.dtype(spec)
-    if dt.kind not in "biuf" or dt.hasobject:
-        raise pickle.UnpicklingError(f"numpy dtype {dt} is not allowed")
-    return dt
-
-
-def _safe_reconstruct(cls, shape, dtype_code):
-    """``numpy.core.multiarray._reconstruct`` for plain ``ndarray`` only (the array data follows in BUILD)."""
-    if cls is not np.ndarray:
-        raise pickle.UnpicklingError("_reconstruct is only allowed for numpy.ndarray")
-    return np.ndarray.__new__(np.ndarray, shape, dtype_code)
-
-
-def _safe_scalar(dtype, data=None):
-    """``numpy.core.multiarray.scalar`` for bool/int scalars (issame lists saved as numpy booleans)."""
-    if not isinstance(dtype, np.dtype) or dtype.kind not in "biu":
-        raise pickle.UnpicklingError("numpy scalar is only allowed for bool/int dtypes")
-    return np.frombuffer(data, dtype=dtype, count=1)[0]
-
-
-_ALLOWED = {("_codecs", "encode"): _latin1_encode, ("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): _safe_dtype}
-for _mod in ("numpy.core.multiarray", "numpy._core.multiarray"):  # numpy 1.x and 2.x pickles
-    _ALLOWED[(_mod, "_reconstruct")] = _safe_reconstruct
-    _ALLOWED[(_mod, "scalar")] = _safe_scalar
-
-
-class _SafeUnpickler(pickle.Unpickler):
-    """Unpickler whose globals are limited to :data:`_ALLOWED`: only bytes, arrays, lists, tuples, bools, ints."""
-
-    def __init__(self, f, path: str):
-        super().__init__(f, encoding="bytes")  # insightface's bins are Python 2 pickles of ``str`` bytes
-        self._path = path
-
-    def find_class(self, module, name):
-        key = (module, name)
-        if key not in _ALLOWED:
-            raise ToolkitError(f"{self._path}: refusing to unpickle forbidden global {module}.{name} "
-                               "(a .bin may only hold image bytes, arrays, lists and bools)")
-        return _ALLOWED[key]
-
-    def persistent_load(self, pid):
-        raise ToolkitError(f"{self._path}: refusing a pickle persistent id (not an insightface .bin)")
-
-
-def safe_load_pickle(path: str):
-    """Unpickle ``path`` with :class:`_SafeUnpickler`; errors become one-line :class:`ToolkitError`."""
-    if not os.path.isfile(path):
-        raise ToolkitError(f"verification set {path} does not exist")
-    try:
-        with open(path, "rb") as f:
-            return _SafeUnpickler(f, path).load()
-    except ToolkitError:
-        raise
-    except Exception as exc:  # UnpicklingError, EOFError, ValueError from a truncated or foreign file
-        raise ToolkitError(f"{path}: not a readable insightface .bin pickle ({type(exc).__name__}: {exc})") from None
 
 
 # ------------------------------------------------------------------------------------------------- reading .bin
