@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import pickle
 import sys
 import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
