@@ -12,11 +12,8 @@ parallelism multiplies its memory and its gradient traffic. Here (as insightface
 - the loss is ``mean_b(-log p_target)``; shard ``i`` back-propagates ``(p_i - onehot_i) / B`` into its weights and
   returns a (B, E) embedding gradient; the sum over shards is the backbone's output gradient.
 
-Partial FC (An et al., "Partial FC: Training 10 Million Identities on a Single Machine", ICCVW 2021): with
-``sample_ratio r < 1`` each step uses, per shard, the positive class centres of the batch plus uniformly sampled
-negatives (``ceil(r * rows)`` rows in all, more if the batch has more positives); only the sampled rows get a
-gradient, a momentum update and weight decay. The shard weights and momenta then live in a "memory bank" of
-NDArrays and the step runs on an executor bound for the sampled rows. ``r = 1`` gives the full result.
+Partial FC (sampled class centres, :mod:`recognition.partial_fc`): ``sample_ratio r < 1`` trains, per shard, the
+batch's positive centres plus sampled negatives; ``r = 1`` gives the full result.
 
 Gradients are of the *mean* loss over the global batch, so every optimizer here runs with ``rescale_grad=1``
 (insightface's ``SoftmaxOutput(normalization='valid')`` + ``rescale_grad=1/num_devices`` is the same thing).
@@ -32,7 +29,13 @@ import mxnet as mx
 import numpy as np
 
 from recognition.common import ToolkitError
-from recognition.heads import CLASSIFICATION_LOSSES, LossConfig, margin_target_logit
+from recognition.fc_shard import has_bias, local_labels, make_shard_optimizer, nbytes, shard_names, shard_symbol
+from recognition.heads import LossConfig
+from recognition.partial_fc import SampledShard
+
+# Re-exported: the shard building blocks and the Partial FC shard used to live here.
+__all__ = ["ModelParallelFC", "ModuleShard", "ParallelModule", "SampledShard", "cross_shard_softmax", "has_bias",
+           "local_labels", "make_shard_optimizer", "nbytes", "shard_names", "shard_symbol", "split_classes"]
 
 logger = logging.getLogger("recognition")
 
@@ -55,59 +58,6 @@ def split_classes(num_classes: int, num_shards: int) -> List[Tuple[int, int]]:
         ranges.append((lo, hi))
         lo = hi
     return ranges
-
-
-def shard_names(fc7_name: str, index: int, with_bias: bool) -> List[str]:
-    """Parameter names of shard ``index``: ``['fc7_shard0_weight'(, 'fc7_shard0_bias')]``."""
-    names = [f"{fc7_name}_shard{index}_weight"]
-    if with_bias:
-        names.append(f"{fc7_name}_shard{index}_bias")
-    return names
-
-
-def has_bias(loss_cfg: LossConfig) -> bool:
-    """Whether fc7 has a bias: only plain softmax without ``fc7_no_bias`` (as heads.build_train_symbol)."""
-    return loss_cfg.loss == "softmax" and not loss_cfg.fc7_no_bias
-
-
-def shard_symbol(num_rows: int, emb_size: int, loss_cfg: LossConfig, names: Sequence[str]) -> mx.sym.Symbol:
-    """Logits of one fc7 shard.
-
-    Inputs: ``data`` (B, E) embeddings; ``local_label`` (B,) target row inside this shard, ``-1`` where the target
-    class lives on another shard. Output (B, num_rows): ``s * cos`` with the margin on the target entry
-    (``s * margin_target_logit(cos_t)``), or ``W x + b`` for plain softmax.
-    """
-    if loss_cfg.loss not in CLASSIFICATION_LOSSES:
-        raise ToolkitError(f"--loss {loss_cfg.loss}: model-parallel fc7 needs a classification loss "
-                           f"({', '.join(CLASSIFICATION_LOSSES)})")
-    data = mx.sym.Variable("data")
-    label = mx.sym.Variable("local_label")
-    mults = dict(lr_mult=loss_cfg.fc7_lr_mult, wd_mult=loss_cfg.fc7_wd_mult)
-    weight = mx.sym.Variable(names[0], shape=(num_rows, emb_size), **mults)
-    stem = names[0][: -len("_weight")]
-    if loss_cfg.loss == "softmax":
-        bias = mx.sym.Variable(names[1], shape=(num_rows,), **mults) if len(names) > 1 else None
-        return mx.sym.FullyConnected(data, weight=weight, bias=bias, no_bias=bias is None, num_hidden=num_rows,
-                                     name=stem)
-    nweight = mx.sym.L2Normalization(weight, mode="instance")
-    nemb = mx.sym.L2Normalization(data, mode="instance")
-    cos = mx.sym.FullyConnected(nemb, weight=nweight, no_bias=True, num_hidden=num_rows, name=stem)
-    s = float(loss_cfg.margin_s)
-    if loss_cfg.loss != "sphereface" and (loss_cfg.margin_a, loss_cfg.margin_m, loss_cfg.margin_b) == (1, 0, 0):
-        return cos * s
-    # pick() clips a -1 label to column 0; one_hot(-1) is an all-zero row, so that value never reaches the logits
-    # and its gradient is multiplied by zero (margin_target_logit clips cosines, so it stays finite).
-    cos_t = mx.sym.pick(cos, label, axis=1)
-    diff = margin_target_logit(cos_t, loss_cfg) - cos_t
-    onehot = mx.sym.one_hot(label, depth=num_rows)
-    return (cos + mx.sym.broadcast_mul(onehot, mx.sym.expand_dims(diff, axis=1))) * s
-
-
-def local_labels(labels: np.ndarray, lo: int, hi: int) -> np.ndarray:
-    """(B,) class ids -> (B,) rows inside ``[lo, hi)`` as float32, ``-1`` elsewhere."""
-    labels = np.asarray(labels).astype(np.int64)
-    inside = (labels >= lo) & (labels < hi)
-    return np.where(inside, labels - lo, -1).astype(np.float32)
 
 
 def cross_shard_softmax(logits: Sequence[mx.nd.NDArray], labels: Sequence[mx.nd.NDArray], offsets: Sequence[int],
@@ -143,16 +93,6 @@ def cross_shard_softmax(logits: Sequence[mx.nd.NDArray], labels: Sequence[mx.nd.
     return loss, pred, grads
 
 
-def _make_optimizer(name, params: dict, sym, names: Sequence[str]):
-    params = dict(params or {})
-    params["rescale_grad"] = 1.0  # gradients are already of the mean loss
-    return mx.optimizer.create(name, sym=sym, param_idx2name=dict(enumerate(names)), **params)
-
-
-def _nbytes(arrays) -> int:
-    return int(sum(a.size * np.dtype(a.dtype).itemsize for a in arrays if a is not None))
-
-
 class ModuleShard:
     """One full fc7 shard as a single-device Module (insightface's ``train_parall`` layout)."""
 
@@ -178,7 +118,7 @@ class ModuleShard:
         self.module.init_params(arg_params=arg, aux_params={}, allow_missing=False, force_init=True)
 
     def init_optimizer(self, optimizer: str, optimizer_params: dict) -> None:
-        opt = _make_optimizer(optimizer, optimizer_params, self.symbol, self.names)
+        opt = make_shard_optimizer(optimizer, optimizer_params, self.symbol, self.names)
         with warnings.catch_warnings():  # Module expects rescale_grad = 1/batch; ours is 1 by design (see top)
             warnings.simplefilter("ignore")
             self.module.init_optimizer(kvstore=None, optimizer=opt, force_init=True)
@@ -217,115 +157,8 @@ class ModuleShard:
         """Bytes of weights, gradients, outputs and optimizer states this shard holds (MXNet workspace excluded)."""
         exe = self.module._exec_group.execs[0]
         states = getattr(self.module._updater, "states", {}) if self.module._updater else {}
-        return _nbytes(list(exe.arg_dict.values()) + [g for g in exe.grad_arrays if g is not None] + exe.outputs
+        return nbytes(list(exe.arg_dict.values()) + [g for g in exe.grad_arrays if g is not None] + exe.outputs
                        + [s for s in states.values() if isinstance(s, mx.nd.NDArray)])
-
-
-class SampledShard:
-    """One fc7 shard for Partial FC: a memory bank of all rows (weight, momentum) and an executor for the
-    sampled rows. Only sampled rows are read, get a gradient and are updated."""
-
-    def __init__(self, index: int, lo: int, hi: int, emb_size: int, batch_size: int, loss_cfg: LossConfig,
-                 ctx: mx.Context, sample_ratio: float, rng: np.random.RandomState, fc7_name: str = "fc7"):
-        self.index, self.lo, self.hi, self.ctx = index, lo, hi, ctx
-        self.rows, self.emb_size, self.batch_size, self.loss_cfg = hi - lo, emb_size, batch_size, loss_cfg
-        self.names = shard_names(fc7_name, index, has_bias(loss_cfg))
-        self.num_sample = min(self.rows, max(1, int(math.ceil(sample_ratio * self.rows))))
-        self.rng = rng
-        self.bank: List[mx.nd.NDArray] = [mx.nd.zeros((self.rows, emb_size), ctx=ctx)]
-        if len(self.names) > 1:
-            self.bank.append(mx.nd.zeros((self.rows,), ctx=ctx))
-        self.states: List[Optional[mx.nd.NDArray]] = [None] * len(self.names)
-        self.optimizer = None
-        self._execs: Dict[int, mx.executor.Executor] = {}
-        self._exe = None
-        self._index = None  # sampled rows (K,) int64 NDArray on ctx
-        self.sampled = None  # sampled rows (K,) numpy, sorted
-
-    def _executor(self, k: int):
-        if k not in self._execs:
-            sym = shard_symbol(k, self.emb_size, self.loss_cfg, self.names)
-            shapes = {"data": (self.batch_size, self.emb_size), "local_label": (self.batch_size,),
-                      self.names[0]: (k, self.emb_size)}
-            if len(self.names) > 1:
-                shapes[self.names[1]] = (k,)
-            if "local_label" not in sym.list_arguments():
-                del shapes["local_label"]
-            req = {n: "write" for n in shapes}
-            if "local_label" in req:
-                req["local_label"] = "null"
-            self._execs[k] = sym.simple_bind(self.ctx, grad_req=req, **shapes)
-        return self._execs[k]
-
-    def set_rows(self, weight: mx.nd.NDArray, bias: Optional[mx.nd.NDArray] = None) -> None:
-        self.bank[0][:] = weight.as_in_context(self.ctx)
-        if len(self.bank) > 1 and bias is not None:
-            self.bank[1][:] = bias.as_in_context(self.ctx)
-        for state in self.states:  # new rows: their momentum starts again
-            if state is not None:
-                state[:] = 0
-
-    def init_optimizer(self, optimizer: str, optimizer_params: dict) -> None:
-        sym = shard_symbol(self.num_sample, self.emb_size, self.loss_cfg, self.names)
-        self.optimizer = _make_optimizer(optimizer, optimizer_params, sym, self.names)
-        self.states = [self.optimizer.create_state(i, b) for i, b in enumerate(self.bank)]
-
-    def sample(self, local: np.ndarray) -> np.ndarray:
-        """Rows to use this step: all positives of ``local`` (B,) plus random negatives; sorted (K,)."""
-        pos = np.unique(local[local >= 0].astype(np.int64))
-        k = max(self.num_sample, len(pos))
-        if k >= self.rows:
-            return np.arange(self.rows, dtype=np.int64)
-        mask = np.ones(self.rows, dtype=bool)
-        mask[pos] = False
-        neg = self.rng.choice(np.flatnonzero(mask), k - len(pos), replace=False)
-        return np.sort(np.concatenate([pos, neg]))
-
-    def forward(self, emb: mx.nd.NDArray, labels: np.ndarray) -> Tuple[mx.nd.NDArray, mx.nd.NDArray]:
-        local = local_labels(labels, self.lo, self.hi)
-        self.sampled = self.sample(local)
-        pos = np.searchsorted(self.sampled, np.maximum(local, 0).astype(np.int64))
-        lab = mx.nd.array(np.where(local >= 0, pos, -1), ctx=self.ctx)
-        self._index = mx.nd.array(self.sampled, ctx=self.ctx, dtype="int64")
-        exe = self._exe = self._executor(len(self.sampled))
-        emb.copyto(exe.arg_dict["data"])
-        if "local_label" in exe.arg_dict:
-            exe.arg_dict["local_label"][:] = lab
-        for name, bank in zip(self.names, self.bank):
-            exe.arg_dict[name][:] = mx.nd.take(bank, self._index)
-        exe.forward(is_train=True)
-        return exe.outputs[0], lab
-
-    def backward(self, out_grad: mx.nd.NDArray) -> mx.nd.NDArray:
-        self._exe.backward(out_grads=[out_grad])
-        return self._exe.grad_dict["data"]
-
-    def update(self) -> None:
-        """Optimizer step on the sampled rows only; written back into the bank."""
-        exe, idx = self._exe, self._index
-        for i, (name, bank) in enumerate(zip(self.names, self.bank)):
-            weight = exe.arg_dict[name]
-            state = mx.nd.take(self.states[i], idx) if self.states[i] is not None else None
-            self.optimizer.update(i, weight, exe.grad_dict[name], state)
-            bank[idx] = weight
-            if state is not None:
-                self.states[i][idx] = state
-
-    def get_rows(self) -> List[mx.nd.NDArray]:
-        return [b.copy() for b in self.bank]
-
-    def get_state(self, j: int) -> Optional[mx.nd.NDArray]:
-        return self.states[j]
-
-    def set_state(self, j: int, state: mx.nd.NDArray) -> None:
-        if self.states[j] is not None:
-            self.states[j][:] = state.as_in_context(self.ctx)
-
-    def memory_bytes(self) -> int:
-        arrays = list(self.bank) + [s for s in self.states if s is not None]
-        for exe in self._execs.values():
-            arrays += list(exe.arg_dict.values()) + [g for g in exe.grad_arrays if g is not None] + exe.outputs
-        return _nbytes(arrays)
 
 
 class ModelParallelFC:
