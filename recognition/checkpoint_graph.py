@@ -52,11 +52,17 @@ def _normalise_names(arg: dict, aux: dict) -> Tuple[dict, dict, Dict[str, str]]:
 
 
 def cut_at_embedding(symbol, where: str = "") -> object:
-    """The sub-graph of ``symbol`` ending at ``fc1_output``; ToolkitError listing the outputs when absent."""
+    """The sub-graph of ``symbol`` ending at ``fc1_output`` (drops fc7/softmax of a training checkpoint).
+
+    The one definition for loading, verification, export and distillation; ToolkitError listing the outputs
+    (and the last internal nodes) when the node is absent.
+    """
     internals = symbol.get_internals()
-    if EMBEDDING_NODE not in internals.list_outputs():
+    names = internals.list_outputs()
+    if EMBEDDING_NODE not in names:
         raise ToolkitError(f"{where or 'checkpoint'}: graph has no '{EMBEDDING_NODE}' node (outputs: "
-                           f"{', '.join(symbol.list_outputs())}); is it an insightface recognition model?")
+                           f"{', '.join(symbol.list_outputs())}); last internal nodes: {', '.join(names[-4:])}; "
+                           "is it an insightface recognition model?")
     return internals[EMBEDDING_NODE]
 
 

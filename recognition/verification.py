@@ -19,13 +19,14 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from recognition.checkpoint_graph import EMBEDDING_NODE as EMBED_NODE  # noqa: F401  (re-exported, one definition)
+from recognition.checkpoint_graph import cut_at_embedding
 from recognition.common import ToolkitError, atomic_write, load_checkpoint, parse_ctx, parse_prefix_epoch, run_cli
 from recognition.rec import safe_load_pickle  # noqa: F401  (public here too: the one restricted .bin unpickler)
 
 logger = logging.getLogger("recognition")
 
 THRESHOLDS = np.arange(0, 4, 0.01)
-EMBED_NODE = "fc1_output"
 EmbedFn = Callable[[np.ndarray], np.ndarray]
 
 
@@ -145,17 +146,6 @@ class Embedder:
     @property
     def embedding_size(self) -> int:
         return int(self.module.output_shapes[0][1][1])
-
-
-def cut_at_embedding(symbol, where: str = "symbol"):
-    """Return the ``fc1_output`` node of ``symbol`` (drops fc7/softmax of a training checkpoint)."""
-    internals = symbol.get_internals()
-    outputs = internals.list_outputs()
-    if EMBED_NODE not in outputs:
-        shown = symbol.list_outputs()
-        raise ToolkitError(f"{where}: no '{EMBED_NODE}' node to take the embedding from (graph outputs: "
-                           f"{', '.join(shown)}; last internal nodes: {', '.join(outputs[-4:])})")
-    return internals[EMBED_NODE]
 
 
 # ----------------------------------------------------------------------------------------------------- maths

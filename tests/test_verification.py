@@ -241,7 +241,7 @@ def test_checkpoint_without_fc1_output_names_outputs(tmp_path):
     sym = mx.sym.FullyConnected(mx.sym.flatten(data), num_hidden=4, name="emb")
     args, aux = init_params(sym)
     save_checkpoint(str(tmp_path / "x"), 0, sym, args, aux)
-    with pytest.raises(ToolkitError, match=r"no 'fc1_output' node .*graph outputs: emb_output"):
+    with pytest.raises(ToolkitError, match=r"no 'fc1_output' node \(outputs: emb_output"):
         V.Embedder.from_checkpoint(str(tmp_path / "x"), 0)
 
 
