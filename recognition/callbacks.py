@@ -116,6 +116,19 @@ class CheckpointPolicy:
         return msave
 
 
+def synced_params(module):
+    """``module.get_params()`` after every pending operation finished.
+
+    MXNet 1.9.1's MKLDNN BatchNorm writes its moving statistics during the backward pass without the engine
+    tracking that write, so a plain ``get_params()`` right after ``update()`` can copy last step's statistics
+    (seen as a run-to-run difference in verification XNorm with identical losses). ``waitall`` closes the gap.
+    """
+    import mxnet as mx
+
+    mx.nd.waitall()
+    return module.get_params()
+
+
 def save_model(prefix: str, epoch: int, module, train_symbol, embedding_symbol, slim: bool,
                meta: Optional[dict] = None) -> str:
     """Save ``module``'s parameters as ``PREFIX-%04d.params`` + symbol (atomic). Returns the params path.
@@ -123,7 +136,7 @@ def save_model(prefix: str, epoch: int, module, train_symbol, embedding_symbol, 
     ``slim``: the embedding graph and only its parameters (selected by the graph's own argument names, never by
     a name pattern); else the full training graph with the classifier. ``meta`` goes to ``PREFIX-meta.json``.
     """
-    arg, aux = module.get_params()
+    arg, aux = synced_params(module)
     if slim:
         keep_arg, keep_aux = set(embedding_symbol.list_arguments()), set(embedding_symbol.list_auxiliary_states())
         arg = {k: v for k, v in arg.items() if k in keep_arg}
@@ -296,7 +309,7 @@ def save_resume(run_dir: str, step: int, module, embedding_symbol, state: dict) 
     """Write ``RUN_DIR/resume/`` for global step ``step``; ``state`` holds the loop's counters. Returns the dir."""
     rdir = os.path.join(run_dir, "resume")
     os.makedirs(rdir, exist_ok=True)
-    arg, aux = module.get_params()
+    arg, aux = synced_params(module)
     params_name, optim_name = "params-%08d.params" % step, "optimizer-%08d.params" % step
     blob = {"arg:" + k: v for k, v in arg.items()}
     blob.update({"aux:" + k: v for k, v in aux.items()})

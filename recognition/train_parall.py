@@ -126,7 +126,9 @@ class ParallelTrainer(Trainer):
         return dict(full_arg), dict(full_aux)
 
     def _switch(self, stage_idx: int) -> None:
-        arg, aux = self.module.get_params()
+        from recognition.callbacks import synced_params
+
+        arg, aux = synced_params(self.module)
         states = _get_states(self.module)
         before = set(self.trained)
         self.module, self.opt = self._make_module(stage_idx, arg, aux)

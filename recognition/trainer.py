@@ -384,7 +384,7 @@ class Trainer:
 
     def _switch(self, stage_idx: int) -> None:
         """Rebuild the Module for a new stage, carrying parameters and optimizer states of trained params."""
-        arg, aux = self.module.get_params()
+        arg, aux = cb.synced_params(self.module)
         states = cb.get_optimizer_states(self.module)
         before = set(self.trained)
         self.module, self.opt = self._make_module(stage_idx, arg, aux)
@@ -401,7 +401,7 @@ class Trainer:
         from recognition.pretrained import imprint_fc7
         from recognition.verification import Embedder
 
-        arg, aux = self.module.get_params()
+        arg, aux = cb.synced_params(self.module)
         embed = Embedder(self.embedding_symbol, arg, aux, ctx=self.ctx[0], batch_size=self.cfg.per_batch_size,
                          data_shape=(3,) + tuple(self.cfg.image_size))
         rec = os.path.join(self.plan.data_dir, "train.rec")
@@ -486,7 +486,7 @@ class Trainer:
     def _round(self, final: bool = False) -> Dict[str, dict]:
         """Verification round ``msave``: verify, checkpoint by policy (always when ``final``), resume state, PNG."""
         self.msave += 1
-        arg, aux = self.module.get_params()
+        arg, aux = cb.synced_params(self.module)
         results = self._verify(arg, aux)
         epoch = self.policy.decide([float(r["acc"]) for r in results.values()], self.msave)
         if epoch is None and final:
@@ -558,7 +558,7 @@ class Trainer:
         if not plan.resume:
             self._init_fc7()
             if cfg.eval_pretrained and self.verifier:
-                self.before = {k: float(r["acc"]) for k, r in self._verify(*self.module.get_params()).items()}
+                self.before = {k: float(r["acc"]) for k, r in self._verify(*cb.synced_params(self.module)).items()}
         window = Window(plan.batch_size)
         end_epoch = int(cfg.end_epoch)
         logger.info("training %s: batch %d on %d device(s), %s", plan.prefix, plan.batch_size, len(self.ctx),
@@ -646,7 +646,7 @@ def run_training(cfg) -> dict:
         if os.environ.get("IFR_DIST_DUMP"):
             from recognition.common import save_params_atomic
 
-            arg, aux = trainer.module.get_params()
+            arg, aux = cb.synced_params(trainer.module)
             blob = {"arg:" + k: v for k, v in arg.items()}
             blob.update({"aux:" + k: v for k, v in aux.items()})
             save_params_atomic(os.path.join(os.environ["IFR_DIST_DUMP"], f"rank{trainer.rank}.params"), blob)
