@@ -442,9 +442,9 @@ class Trainer:
             return None
         if self.plan.loss_cfg.loss == "softmax":
             return acc
-        group = self.module._exec_group
+        group = getattr(self.module, "_exec_group", None)  # a model-parallel module has no single fc7 copy
         weight = f"{self.fc7_name}_weight"
-        if weight not in group.param_names:
+        if group is None or weight not in group.param_names:
             return None
         w = group.param_arrays[group.param_names.index(weight)][0]
         emb = self.module.get_outputs(merge_multi_context=True)[1].as_in_context(w.context)
