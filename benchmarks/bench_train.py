@@ -25,7 +25,7 @@ from recognition.common import ToolkitError, run_cli
 
 
 def measure(network: str, batch_size: int, prelu: str, steps: int, warmup: int = 2, num_classes: int = 100,
-            seed: int = 0) -> dict:
+            seed: int = 0, ctx: str = "cpu") -> dict:
     """Time ``steps`` training steps of ``network`` at ``batch_size`` in this process.
 
     Returns ``{'samples_per_s', 'step_s', 'peak_rss_mb'}`` (peak RSS of this process so far).
@@ -34,6 +34,7 @@ def measure(network: str, batch_size: int, prelu: str, steps: int, warmup: int =
     import numpy as np
 
     from recognition.backbones import get_symbol
+    from recognition.common import parse_ctx
 
     mx.random.seed(seed)
     rng = np.random.RandomState(seed)
@@ -41,7 +42,7 @@ def measure(network: str, batch_size: int, prelu: str, steps: int, warmup: int =
     emb = get_symbol(network, act_type="relu") if prelu == "relu" else get_symbol(network, prelu=prelu)
     fc7 = mx.sym.FullyConnected(emb, num_hidden=num_classes, name="fc7")
     sym = mx.sym.SoftmaxOutput(fc7, name="softmax")
-    mod = mx.mod.Module(sym, data_names=["data"], label_names=["softmax_label"], context=mx.cpu())
+    mod = mx.mod.Module(sym, data_names=["data"], label_names=["softmax_label"], context=parse_ctx(ctx))
     mod.bind(data_shapes=[("data", (batch_size, 3, 112, 112))], label_shapes=[("softmax_label", (batch_size,))])
     mod.init_params(mx.init.Xavier(rnd_type="gaussian", factor_type="out", magnitude=2))
     mod.init_optimizer(optimizer="sgd", optimizer_params={"learning_rate": 0.01, "momentum": 0.9, "wd": 5e-4})
@@ -65,12 +66,13 @@ def measure(network: str, batch_size: int, prelu: str, steps: int, warmup: int =
     return {"samples_per_s": batch_size / elapsed, "step_s": elapsed, "peak_rss_mb": peak_kb / 1024.0}
 
 
-def run_isolated(network: str, batch_size: int, prelu: str, steps: int, mirror: bool = False) -> dict:
+def run_isolated(network: str, batch_size: int, prelu: str, steps: int, mirror: bool = False,
+                 ctx: str = "cpu") -> dict:
     """:func:`measure` in a child process (fresh peak RSS; ``MXNET_BACKWARD_DO_MIRROR`` set before MXNet loads)."""
     env = dict(os.environ)
     env["MXNET_BACKWARD_DO_MIRROR"] = "1" if mirror else "0"
     env.setdefault("MXNET_SUBGRAPH_VERBOSE", "0")
-    cmd = [sys.executable, os.path.abspath(__file__), "--_single", json.dumps([network, batch_size, prelu, steps])]
+    cmd = [sys.executable, os.path.abspath(__file__), "--_single", json.dumps([network, batch_size, prelu, steps, ctx])]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
@@ -83,7 +85,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--networks", default="y1,tiny,r18,r50", help="comma-separated network names")
     parser.add_argument("--batch-size", default="32", help="comma-separated batch sizes, e.g. 16,32")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per configuration (after 2 warm-up)")
-    parser.add_argument("--prelu", default="fast,stock",
+    parser.add_argument("--ctx", default="cpu", help="devices, e.g. gpu:0 (the batch is split across them)")
+    parser.add_argument("--prelu", default="bn,stock",
                         help="PReLU formulations to compare (fast, stock, bn; 'relu' = ReLU yardstick, other params)")
     parser.add_argument("--mirror", action="store_true", help="also run with MXNET_BACKWARD_DO_MIRROR=1")
     parser.add_argument("--_single", help=argparse.SUPPRESS)
@@ -103,8 +106,8 @@ def _ints(text: str, flag: str) -> List[int]:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     if args._single:
-        network, batch_size, prelu, steps = json.loads(args._single)
-        print(json.dumps(measure(network, batch_size, prelu, steps)))
+        network, batch_size, prelu, steps, ctx = json.loads(args._single)
+        print(json.dumps(measure(network, batch_size, prelu, steps, ctx=ctx)))
         return 0
     from recognition.backbones import default_emb_size
     from recognition.backbones.layers import check_prelu_mode
@@ -121,15 +124,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raise ToolkitError(f"--steps {args.steps}: must be positive")
     mirrors = [False, True] if args.mirror else [False]
     print(f"{'network':<12}{'batch':>6}{'mirror':>7}" + "".join(f"{m + ' sps':>12}{'rss MB':>9}" for m in modes)
-          + ("   fast/stock" if {"fast", "stock"} <= set(modes) else ""), flush=True)
+          + (f"   {modes[0]}/stock" if "stock" in modes and modes[0] != "stock" else ""), flush=True)
     for name in networks:
         for batch_size in batches:
             for mirror in mirrors:
-                res = {m: run_isolated(name, batch_size, m, args.steps, mirror) for m in modes}
+                res = {m: run_isolated(name, batch_size, m, args.steps, mirror, args.ctx) for m in modes}
                 line = f"{name:<12}{batch_size:>6}{'on' if mirror else 'off':>7}"
                 line += "".join(f"{res[m]['samples_per_s']:>12.2f}{res[m]['peak_rss_mb']:>9.0f}" for m in modes)
-                if "fast" in res and "stock" in res:
-                    line += f"   {res['fast']['samples_per_s'] / res['stock']['samples_per_s']:>9.2f}x"
+                if "stock" in res and modes[0] != "stock":
+                    line += f"   {res[modes[0]]['samples_per_s'] / res['stock']['samples_per_s']:>9.2f}x"
                 print(line, flush=True)
     return 0
 
