@@ -100,7 +100,11 @@ def add_finetune_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--fc7-init", choices=("random", "imprint"), default=None,
                    help="new classifier: random, or imprinted with normalised class-mean embeddings")
     g.add_argument("--freeze-steps", type=int, default=None, help="train only the head for N batches, then all")
-    g.add_argument("--stages", default=None, help='stage plan, e.g. "head:500,all:2000"')
+    g.add_argument("--head-lr-mult", type=float, default=None,
+                   help="factor on the scheduled lr during the --freeze-steps head stage (default 1.0 = as scheduled)")
+    g.add_argument("--stages", default=None,
+                   help='stage plan, e.g. "head:500,all:2000"; NAME:N@F runs a stage at F x the scheduled lr, e.g. '
+                        '"head:500@0.1,all:2000" (an imprinted classifier wants a small head-stage lr)')
     g.add_argument("--frozen-stages", type=int, default=None, help="keep the first K backbone stages fixed")
     g.add_argument("--bn-mode", choices=("train", "frozen"), default=None,
                    help="frozen: BatchNorm uses its stored statistics throughout")

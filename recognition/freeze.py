@@ -86,31 +86,54 @@ class Stage(NamedTuple):
 
     ``name``: ``'head'`` (train the embedding layer and fc7 only), ``'all'`` (train everything not held by
     ``--frozen-stages``) or ``'STAGE+'`` (train from backbone stage STAGE on, e.g. ``'stage3+'``);
-    ``steps``: its length in batches, None = until the end of training.
+    ``steps``: its length in batches, None = until the end of training;
+    ``lr_mult``: factor on the scheduled learning rate during the stage (``--stages "head:30@0.1,all"``; 1 = as
+    scheduled). Measured on ``run.sh demo`` (see the module docstring): the 'head' stage of an imprinted classifier
+    wants a small factor, as the schedule's lr pulls the already-fitted head down.
     """
 
     name: str
     steps: Optional[int]
+    lr_mult: float = 1.0
 
 
 _STAGE_NAME = re.compile(r"^(head|all|[A-Za-z_]\w*\+)$")
 
 
-def parse_stages(freeze_steps: int = 0, stages: Optional[str] = None) -> List[Stage]:
+def _lr_factor(text: str, where: str) -> float:
+    """A stage's lr factor (``@F``): a finite number >= 0."""
+    try:
+        f = float(text)
+    except (TypeError, ValueError):
+        f = float("nan")
+    if not (f >= 0.0 and f != float("inf")):
+        raise ToolkitError(f"{where}: lr factor {str(text).strip()!r} must be a number >= 0 (e.g. head:500@0.1)")
+    return f
+
+
+def parse_stages(freeze_steps: int = 0, stages: Optional[str] = None, head_lr_mult: float = 1.0) -> List[Stage]:
     """``--stages "head:500,all:2000"`` or ``--freeze-steps N`` (-> ``[head:N, all:None]``) to a list of Stage.
 
     The last stage may omit its length (``head:500,all``): it runs to the end. Without either flag: ``[all:None]``.
+    ``NAME:N@F`` runs the stage at F x the scheduled lr (``head:500@0.1,all``); ``head_lr_mult``
+    (``--head-lr-mult``) is F of the head stage of ``--freeze-steps``.
     """
     if stages and freeze_steps:
         raise ToolkitError("--stages and --freeze-steps are alternatives: give one of them")
     if freeze_steps is None or freeze_steps < 0:
         raise ToolkitError(f"--freeze-steps {freeze_steps}: must be 0 or a positive number of steps")
+    head_lr_mult = 1.0 if head_lr_mult is None else head_lr_mult
+    if head_lr_mult != 1.0 and stages:
+        raise ToolkitError("--head-lr-mult goes with --freeze-steps; with --stages write the factor as head:N@F")
+    head_lr_mult = _lr_factor(head_lr_mult, "--head-lr-mult")
     if not stages:
-        return ([Stage("head", int(freeze_steps))] if freeze_steps else []) + [Stage("all", None)]
+        return ([Stage("head", int(freeze_steps), head_lr_mult)] if freeze_steps else []) + [Stage("all", None)]
     parts = [p.strip() for p in stages.split(",")]
     out: List[Stage] = []
     for i, part in enumerate(parts):
-        name, sep, steps = part.partition(":")
+        spec, at, factor = part.partition("@")
+        mult = _lr_factor(factor, f"--stages {stages!r}: stage {part!r}") if at else 1.0
+        name, sep, steps = spec.partition(":")
         name = name.strip()
         if not _STAGE_NAME.match(name):
             raise ToolkitError(f"--stages {stages!r}: bad stage {part!r}; expected head:N, all:N or STAGE+:N "
@@ -119,7 +142,7 @@ def parse_stages(freeze_steps: int = 0, stages: Optional[str] = None) -> List[St
             if i != len(parts) - 1:
                 raise ToolkitError(f"--stages {stages!r}: stage {name!r} needs a step count (only the last stage "
                                    "may run to the end)")
-            out.append(Stage(name, None))
+            out.append(Stage(name, None, mult))
             continue
         try:
             n = int(steps)
@@ -128,7 +151,7 @@ def parse_stages(freeze_steps: int = 0, stages: Optional[str] = None) -> List[St
                 from None
         if n <= 0:
             raise ToolkitError(f"--stages {stages!r}: step count of {name!r} must be positive, got {n}")
-        out.append(Stage(name, n))
+        out.append(Stage(name, n, mult))
     return out
 
 

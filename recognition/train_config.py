@@ -99,6 +99,7 @@ default.reset_fc7 = False
 default.allow_missing = False
 default.fc7_init = "random"
 default.freeze_steps = 0
+default.head_lr_mult = 1.0  # lr factor of the --freeze-steps head stage; --stages writes it as head:N@F
 default.stages = None
 default.frozen_stages = 0
 default.backbone_lr_mult = 1.0

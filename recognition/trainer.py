@@ -130,7 +130,7 @@ def prepare_run(cfg) -> edict:
         raise ToolkitError(f"--dataset {cfg.dataset}: the configuration says num_classes={cfg.num_classes} but "
                            f"{os.path.join(plan.data_dir, 'property')} says {plan.num_classes}")
     plan.targets = _resolve_targets(cfg, plan.data_dir)
-    plan.stages = parse_stages(int(cfg.get("freeze_steps") or 0), cfg.get("stages"))
+    plan.stages = parse_stages(int(cfg.get("freeze_steps") or 0), cfg.get("stages"), cfg.get("head_lr_mult"))
     plan.lr_steps = _parse_lr_steps(cfg.lr_steps)
     if cfg.fc7_init not in ("random", "imprint"):
         raise ToolkitError(f"--fc7-init {cfg.fc7_init!r}: choose random or imprint")
@@ -562,7 +562,8 @@ class Trainer:
         window = Window(plan.batch_size)
         end_epoch = int(cfg.end_epoch)
         logger.info("training %s: batch %d on %d device(s), %s", plan.prefix, plan.batch_size, len(self.ctx),
-                    ", ".join(f"{s.name}:{s.steps or 'end'}" for s in plan.stages))
+                    ", ".join(f"{s.name}:{s.steps or 'end'}" + (f"@{s.lr_mult:g}" if s.lr_mult != 1.0 else "")
+                              for s in plan.stages))
         t0 = time.time()
         while (plan.max_total is None or self.step < plan.max_total) and not self._stop:
             idx = stage_at(plan.stages, self.step)[0]
@@ -575,7 +576,10 @@ class Trainer:
                     break
                 self.data.reset()
                 continue
-            lr = lr_at(self.step, float(cfg.lr), plan.lr_steps, int(cfg.warmup_steps or 0))
+            # the stage's factor (--stages head:N@F, --head-lr-mult) times the schedule; the stage follows from the
+            # step and the saved config, so a resumed run gets the same lr
+            lr = plan.stages[self.stage_idx].lr_mult * \
+                lr_at(self.step, float(cfg.lr), plan.lr_steps, int(cfg.warmup_steps or 0))
             self.opt.lr = lr
             if self._random_graph:
                 mx.random.seed(int(cfg.seed or 0) * 1000003 + self.step)

@@ -58,6 +58,11 @@ def test_parse_stages():
                                                                Stage("all", None)]
     stages = parse_stages(stages="head:2,all:3")
     assert [stage_at(stages, s)[1].name for s in range(7)] == ["head"] * 2 + ["all"] * 5
+    # lr factors: NAME:N@F (F x the scheduled lr), --head-lr-mult for --freeze-steps; default 1
+    assert parse_stages(stages="head:30@0.1,all:210") == [Stage("head", 30, 0.1), Stage("all", 210, 1.0)]
+    assert parse_stages(stages="head:3@0, all@0.5") == [Stage("head", 3, 0.0), Stage("all", None, 0.5)]
+    assert parse_stages(freeze_steps=4, head_lr_mult=0.02) == [Stage("head", 4, 0.02), Stage("all", None, 1.0)]
+    assert parse_stages(freeze_steps=4, head_lr_mult=None)[0].lr_mult == 1.0
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -68,6 +73,12 @@ def test_parse_stages():
     ({"stages": "head,all:5"}, r"stage 'head' needs a step count"),
     ({"freeze_steps": -1}, r"--freeze-steps -1: must be 0 or a positive"),
     ({"freeze_steps": 5, "stages": "head:5,all"}, r"--stages and --freeze-steps are alternatives"),
+    ({"stages": "head:5@x,all"}, r"stage 'head:5@x': lr factor 'x' must be a number >= 0"),
+    ({"stages": "head:5@-0.1,all"}, r"lr factor '-0.1' must be a number >= 0"),
+    ({"stages": "head:5@,all"}, r"lr factor '' must be a number >= 0"),
+    ({"stages": "head:5@nan,all"}, r"lr factor 'nan' must be a number >= 0"),
+    ({"freeze_steps": 5, "head_lr_mult": -1.0}, r"--head-lr-mult: lr factor '-1.0' must be a number >= 0"),
+    ({"stages": "head:5,all", "head_lr_mult": 0.1}, r"--head-lr-mult goes with --freeze-steps"),
 ])
 def test_parse_stages_errors(kwargs, message):
     with pytest.raises(ToolkitError, match=message):

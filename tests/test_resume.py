@@ -64,3 +64,48 @@ def test_resume_state_roundtrip_of_optimizer_states(tiny_data, tmp_path):
     for name in arg:
         assert np.array_equal(live_arg[name].asnumpy(), arg[name].asnumpy()), name
     t.data.close()
+
+
+@pytest.mark.slow
+def test_stage_lr_factor_scales_the_schedule_and_survives_resume(tiny_data, tmp_path):
+    """``head:2@0``: lr 0 x schedule in the head stage (head parameters unchanged; @1 changes them), the schedule
+    after; a run resumed inside the head stage logs the same lr and loss sequence."""
+    from recognition.trainer import Trainer, lr_at, prepare_run
+
+    name = f"tiny-arcface-{os.path.basename(os.path.dirname(tiny_data['rec']))}"
+    extra = ("--stages", "head:2@0,all", "--warmup-steps", "3")
+    cfg = train.config_from_args(train.build_argparser().parse_args(_argv(tiny_data, tmp_path / "full", 4, *extra)))
+    trainer = Trainer(cfg, prepare_run(cfg))
+    summary = trainer.fit()
+    recs = read_metrics(os.path.join(summary["run_dir"], "metrics.jsonl"), "train")
+    assert [r["lr"] for r in recs] == [0.0, 0.0] + [lr_at(s, 0.05, [], 3) for s in (2, 3)]
+    assert recs[-1]["lr"] > 0
+
+    # 2 steps at factor 0: fc7 and the embedding layer stay bit-identical; at factor 1 they move
+    cfg0 = train.config_from_args(train.build_argparser().parse_args(_argv(tiny_data, tmp_path / "zero", 2, *extra)))
+    t0 = Trainer(cfg0, prepare_run(cfg0))
+    init_fc7, start = t0._init_fc7, {}
+
+    def record_start():  # the parameters the first update starts from
+        init_fc7()
+        start.update({k: v.asnumpy() for k, v in t0.module.get_params()[0].items()})
+
+    t0._init_fc7 = record_start
+    t0.fit()
+    arg0, _ = t0.module.get_params()
+    cfg1 = train.config_from_args(train.build_argparser().parse_args(
+        _argv(tiny_data, tmp_path / "one", 2, "--stages", "head:2@1,all", "--warmup-steps", "3")))
+    t1 = Trainer(cfg1, prepare_run(cfg1))
+    t1.fit()
+    arg1, _ = t1.module.get_params()
+    trained = [n for n in t0.trained if n in arg0]
+    assert "fc7_weight" in trained and any(n.startswith(("pre_fc1", "fc1")) for n in trained)
+    assert all(np.array_equal(arg0[n].asnumpy(), start[n]) for n in trained)
+    assert any(not np.array_equal(arg0[n].asnumpy(), arg1[n].asnumpy()) for n in trained)
+
+    part_dir = os.path.join(tmp_path, "part", name)
+    assert run_cli(train.main, _argv(tiny_data, tmp_path / "part", 1, *extra)) == 0
+    assert run_cli(train.main, ["--resume", part_dir, "--max-steps", "4"]) == 0
+    resumed = read_metrics(os.path.join(part_dir, "metrics.jsonl"), "train")
+    assert [r["lr"] for r in resumed] == [r["lr"] for r in recs]
+    np.testing.assert_allclose([r["loss"] for r in resumed], [r["loss"] for r in recs], rtol=1e-5, atol=1e-5)
