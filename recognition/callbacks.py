@@ -45,6 +45,7 @@ class Verifier:
 
         self.ctx, self.batch_size, self.nfolds = ctx, int(batch_size), int(nfolds)
         self.image_size = tuple(image_size)
+        self._embed, self._key = None, None
         self.sets = {}
         for p in paths:
             name = os.path.splitext(os.path.basename(p))[0]
@@ -58,8 +59,16 @@ class Verifier:
 
         if not self.sets:
             return {}
-        embed = Embedder(embedding_symbol, arg_params, aux_params, ctx=self.ctx, batch_size=self.batch_size,
-                         data_shape=(3,) + self.image_size)
+        # bind once per graph and only load new parameters each round: a new executor per round grew the
+        # process by ~1.5 MB a round in a 30-minute soak (benchmarks/soak.py)
+        key = embedding_symbol.tojson()
+        if self._embed is None or self._key != key:
+            self._embed = Embedder(embedding_symbol, arg_params, aux_params, ctx=self.ctx,
+                                   batch_size=self.batch_size, data_shape=(3,) + self.image_size)
+            self._key = key
+        else:
+            self._embed.set_params(arg_params, aux_params)
+        embed = self._embed
         out = {}
         for name, (images, issame) in self.sets.items():
             out[name] = test_bin(([images], issame), embed, self.batch_size, self.nfolds)

@@ -109,6 +109,11 @@ class Embedder:
         self.module.bind(data_shapes=[("data", (self.batch_size,) + self.data_shape)], for_training=False)
         self.module.set_params(self.arg_params, self.aux_params, allow_missing=False, allow_extra=True)
 
+    def set_params(self, arg_params: dict, aux_params: dict) -> None:
+        """Load new parameters into the bound module (same graph): no rebind, no new executor."""
+        self.arg_params, self.aux_params = arg_params, aux_params
+        self.module.set_params(arg_params, aux_params, allow_missing=False, allow_extra=True, force_init=True)
+
     @classmethod
     def from_checkpoint(cls, prefix: str, epoch: int, ctx=None, batch_size: int = 32,
                         data_shape: Sequence[int] = (3, 112, 112)) -> "Embedder":
