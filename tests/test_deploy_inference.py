@@ -9,21 +9,7 @@ import pytest
 from deploy import align, compare, extract, search
 from deploy.face_model import FaceModel
 from recognition.common import ToolkitError, run_cli, save_checkpoint
-
-
-def tiny_symbol(emb=16, with_fc7=0):
-    """A small random network ending at BatchNorm 'fc1' (+ fc7/softmax like a training checkpoint)."""
-    data = mx.sym.Variable("data")
-    x = (data - 127.5) * 0.0078125
-    x = mx.sym.Convolution(x, num_filter=4, kernel=(3, 3), stride=(4, 4), pad=(1, 1), no_bias=True, name="conv0")
-    x = mx.sym.BatchNorm(x, fix_gamma=False, name="bn0")
-    x = mx.sym.LeakyReLU(x, act_type="prelu", name="relu0")
-    x = mx.sym.Pooling(x, kernel=(4, 4), stride=(4, 4), pool_type="avg", name="pool0")
-    x = mx.sym.FullyConnected(x, num_hidden=emb, name="pre_fc1")
-    fc1 = mx.sym.BatchNorm(x, fix_gamma=True, name="fc1")
-    if with_fc7:
-        return mx.sym.SoftmaxOutput(mx.sym.FullyConnected(fc1, num_hidden=with_fc7, name="fc7"), name="softmax")
-    return fc1
+from test_verification import tiny_symbol  # noqa: E402 (one small test network; tests/ is on sys.path)
 
 
 @pytest.fixture(scope="module")
