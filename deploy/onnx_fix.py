@@ -32,6 +32,8 @@ from typing import Dict, List, Tuple
 
 import numpy as np
 
+from recognition.common import symbol_graph
+
 
 @lru_cache(maxsize=None)
 def boolean_defaults(op_name: str) -> Dict[str, str]:
@@ -65,7 +67,7 @@ def explicit_defaults(symbol):
     """
     import mxnet as mx
 
-    graph = json.loads(symbol.tojson())
+    graph = symbol_graph(symbol)
     changed = []
     for node in graph["nodes"]:
         if node["op"] == "null":
@@ -115,7 +117,7 @@ def lower_for_onnx(symbol, data_shape) -> Tuple[object, List[str]]:
     """
     import mxnet as mx
 
-    graph = json.loads(symbol.tojson())
+    graph = symbol_graph(symbol)
     nodes = graph["nodes"]
     rest = tuple(data_shape[1:])
     small, large = _entry_shapes(symbol, (2,) + rest), _entry_shapes(symbol, (3,) + rest)
@@ -175,7 +177,7 @@ def honour_fix_gamma(symbol, params: dict) -> Tuple[dict, List[str]]:
     """
     import mxnet as mx
 
-    graph = json.loads(symbol.tojson())
+    graph = symbol_graph(symbol)
     nodes = graph["nodes"]
     params = dict(params)
     fixed = []

@@ -26,7 +26,7 @@ from typing import Dict, List, Optional, Sequence
 import mxnet as mx
 import numpy as np
 
-from recognition.common import ToolkitError, atomic_write, save_checkpoint, save_params_atomic
+from recognition.common import ToolkitError, atomic_write, save_checkpoint, save_params_atomic, symbol_json
 
 logger = logging.getLogger("recognition")
 
@@ -61,7 +61,7 @@ class Verifier:
             return {}
         # bind once per graph and only load new parameters each round: a new executor per round cost a bind and
         # a ~180 MB memory peak each time (benchmarks/soak.py, verification every 10 steps: max RSS 921 -> 737 MB)
-        key = embedding_symbol.tojson()
+        key = symbol_json(embedding_symbol)
         if self._embed is None or self._key != key:
             self._embed = Embedder(embedding_symbol, arg_params, aux_params, ctx=self.ctx,
                                    batch_size=self.batch_size, data_shape=(3,) + self.image_size)
@@ -329,7 +329,7 @@ def save_resume(run_dir: str, step: int, module, embedding_symbol, state: dict) 
         _flatten_state(name, st, flat, none)
     save_params_atomic(os.path.join(rdir, optim_name), flat or {"__empty__": mx.nd.zeros((1,))})
     with atomic_write(os.path.join(rdir, "embedding-symbol.json"), "w") as f:
-        f.write(embedding_symbol.tojson())
+        f.write(symbol_json(embedding_symbol))
     doc = dict(state, version=RESUME_VERSION, step=int(step), params=params_name, optimizer=optim_name,
                optimizer_none=none, optimizer_saved=states is not None, rng=rng_state())
     with atomic_write(os.path.join(rdir, "state.json"), "w") as f:

@@ -11,7 +11,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from recognition.common import ToolkitError
+from recognition.common import ToolkitError, symbol_graph
 
 EMBEDDING_NODE = "fc1_output"
 # Renames between insightface versions: target name -> names the same array may have in an older checkpoint.
@@ -72,7 +72,7 @@ def embedding_layer(symbol) -> Tuple[List[str], Optional[str]]:
     Walks back from the output (``fc1`` BatchNorm) through parameter-free ops to the first FullyConnected
     (insightface: ``pre_fc1`` FC -> ``fc1`` BN). Returns ``(names, None)`` when no FC is found nearby.
     """
-    graph = json.loads(symbol.tojson())
+    graph = symbol_graph(symbol)
     nodes = graph["nodes"]
     idx = graph["heads"][0][0]
     names: List[str] = []
@@ -99,7 +99,7 @@ def set_embedding_size(symbol, emb_size: int) -> object:
     names, fc_name = embedding_layer(symbol)
     if fc_name is None:
         raise ToolkitError("--emb-size: cannot find the FullyConnected layer producing fc1 in the checkpoint graph")
-    graph = json.loads(symbol.tojson())
+    graph = symbol_graph(symbol)
     for node in graph["nodes"]:
         attrs = node.get("attrs", {})
         if node["name"] == fc_name:
@@ -190,8 +190,8 @@ def _adopt_bn_attrs(symbol, ckpt_cut, matched: Dict[str, str]) -> Tuple[object, 
         nodes = graph["nodes"]
         return {nodes[n["inputs"][1][0]]["name"]: n for n in nodes if n["op"] == "BatchNorm" and len(n["inputs"]) > 1}
 
-    src = bn_by_gamma(json.loads(ckpt_cut.tojson()))
-    graph = json.loads(symbol.tojson())
+    src = bn_by_gamma(symbol_graph(ckpt_cut))
+    graph = symbol_graph(symbol)
     changed = 0
     for gamma, node in bn_by_gamma(graph).items():
         ref = src.get(matched.get(gamma, ""))

@@ -24,7 +24,7 @@ import json
 import re
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
-from recognition.common import ToolkitError
+from recognition.common import ToolkitError, symbol_graph
 
 EMBEDDING_STAGE = "embedding"
 # Dropout (insightface's 'E' head: bn1 -> Dropout(0.4) -> pre_fc1) during the 'head' stage; see the module docstring
@@ -198,7 +198,7 @@ def _assign(names: Sequence[str], table: Sequence[Tuple[str, str]]) -> Dict[str,
 
 def _batchnorm_nodes(symbol) -> List[Tuple[str, List[str]]]:
     """``[(bn_node_name, [its parameter/aux input names])]`` in graph order."""
-    graph = json.loads(symbol.tojson())
+    graph = symbol_graph(symbol)
     nodes = graph["nodes"]
     return [(n["name"], [nodes[i[0]]["name"] for i in n["inputs"][1:]]) for n in nodes if n["op"] == "BatchNorm"]
 
@@ -257,7 +257,7 @@ def without_dropout(symbol) -> object:
     """A copy of ``symbol`` whose Dropout nodes are identities (``_copy``, same node names); no Dropout -> as is."""
     import mxnet as mx
 
-    graph = json.loads(symbol.tojson())
+    graph = symbol_graph(symbol)
     found = False
     for node in graph["nodes"]:
         if node["op"] == "Dropout":
@@ -286,7 +286,7 @@ def freeze_batchnorm(symbol, bn_names: Sequence[str]) -> object:
     wanted = set(bn_names)
     if not wanted:
         return symbol
-    graph = json.loads(symbol.tojson())
+    graph = symbol_graph(symbol)
     seen = set()
     for node in graph["nodes"]:
         if node["op"] == "BatchNorm" and node["name"] in wanted:

@@ -12,14 +12,13 @@ model-parallel ``train_parall.py``). Special cases use closed forms that avoid `
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass
 from typing import List, Optional, Tuple
 
 import mxnet as mx
 
-from recognition.common import ToolkitError
+from recognition.common import ToolkitError, symbol_graph
 # importing losses_center registers its CustomOp, so a saved training symbol with center loss can be bound
 from recognition.losses_center import center_loss_symbol
 from recognition.losses_triplet import triplet_loss_symbol
@@ -214,7 +213,7 @@ _SHAPE_KEEPING_OPS = {"BatchNorm", "Dropout", "Activation", "LeakyReLU", "identi
 def infer_emb_size(embedding) -> int:
     """Embedding width E of ``embedding`` (B, E), read from the graph: walk back through shape-keeping ops
     (BatchNorm, Dropout, ...) to the FullyConnected that made it. Raises ToolkitError when it cannot."""
-    graph = json.loads(embedding.tojson())
+    graph = symbol_graph(embedding)
     nodes, idx = graph["nodes"], graph["heads"][0][0]
     while True:
         node = nodes[idx]

@@ -23,12 +23,77 @@ from recognition.common import atomic_write
 logger = logging.getLogger("recognition")
 
 
+class Series:
+    """The curves' data in bounded memory: training loss/accuracy as at most ``max_points`` bucket means (when
+    full, neighbouring buckets merge and the bucket width doubles), every verification result as it is.
+
+    The curves PNG is redrawn every verification round; drawing it from the whole ``metrics.jsonl`` made each
+    round read and plot every step so far (time and transient memory growing with the run's length).
+    """
+
+    FIELDS = ("loss", "acc", "acc_nomargin")
+
+    def __init__(self, max_points: int = 2000):
+        if max_points < 2:
+            raise ValueError("max_points must be >= 2")
+        self.max_points, self.width = int(max_points), 1
+        self.points: List[list] = []  # [last step, count, (sum, n) per field ...]
+        self.verify: Dict[str, List[tuple]] = {}
+
+    def add(self, rec: dict) -> None:
+        """Take one metrics record (``train`` and ``verify`` kinds are kept, others ignored)."""
+        kind = rec.get("kind")
+        if kind == "verify":
+            self.verify.setdefault(rec["target"], []).append((rec["step"], rec["acc"]))
+            return
+        if kind != "train":
+            return
+        if not self.points or self.points[-1][1] >= self.width:
+            self.points.append([rec["step"], 0] + [0.0, 0] * len(self.FIELDS))
+            if len(self.points) > self.max_points:
+                self._merge()
+        p = self.points[-1]
+        p[0], p[1] = rec["step"], p[1] + 1
+        for i, name in enumerate(self.FIELDS):
+            v = rec.get(name)
+            if v is not None:
+                p[2 + 2 * i] += float(v)
+                p[3 + 2 * i] += 1
+
+    def _merge(self) -> None:
+        """Halve the number of points: every two neighbours become one (sums add), the width doubles."""
+        merged = []
+        for k in range(0, len(self.points) - 1, 2):
+            a, b = self.points[k], self.points[k + 1]
+            merged.append([b[0]] + [x + y for x, y in zip(a[1:], b[1:])])
+        if len(self.points) % 2:
+            merged.append(self.points[-1])
+        self.points, self.width = merged, self.width * 2
+
+    def series(self, name: str) -> List[tuple]:
+        """``[(step, mean)]`` of one training field, skipping buckets where it was never logged."""
+        i = 2 + 2 * self.FIELDS.index(name)
+        return [(p[0], p[i] / p[i + 1]) for p in self.points if p[i + 1]]
+
+    @classmethod
+    def from_file(cls, path: str, max_points: int = 2000) -> "Series":
+        """Read ``metrics.jsonl`` once (a resumed run, or :func:`plot_curves` on a finished one)."""
+        out = cls(max_points)
+        for rec in read_metrics(path):
+            out.add(rec)
+        return out
+
+
 class MetricsLog:
-    """Append-only JSON-lines file; ``truncate_after(step)`` drops records past a resume point."""
+    """Append-only JSON-lines file; ``truncate_after(step)`` drops records past a resume point.
+
+    Keeps a :class:`Series` of what it wrote (and of what the file already held) for :meth:`plot`.
+    """
 
     def __init__(self, path: str):
         self.path = path
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        self.series = Series.from_file(path)
         self._f = open(path, "a")
 
     def write(self, kind: str, **fields) -> None:
@@ -36,6 +101,11 @@ class MetricsLog:
         rec.update(fields)
         self._f.write(json.dumps(rec, sort_keys=True) + "\n")
         self._f.flush()
+        self.series.add(rec)
+
+    def plot(self, png_path: str) -> Optional[str]:
+        """Write the curves PNG from the in-memory series (see :func:`plot_series`)."""
+        return plot_series(self.series, png_path)
 
     def truncate_after(self, step: int) -> None:
         """Keep only records with ``step <= step`` (rewritten atomically)."""
@@ -44,6 +114,9 @@ class MetricsLog:
         with atomic_write(self.path, "w") as f:
             for r in kept:
                 f.write(json.dumps(r, sort_keys=True) + "\n")
+        self.series = Series()
+        for r in kept:
+            self.series.add(r)
         self._f = open(self.path, "a")
 
     def close(self) -> None:
@@ -101,29 +174,31 @@ class Window:
 
 
 def plot_curves(metrics_path: str, png_path: str) -> Optional[str]:
-    """Draw loss, training accuracy and verification accuracy against step into ``png_path`` (atomic).
+    """Draw a ``metrics.jsonl``'s loss, training accuracy and verification accuracy into ``png_path`` (atomic).
 
-    Returns the path, or None when there is nothing to draw yet.
+    Returns the path, or None when there is nothing to draw yet. A running trainer uses :meth:`MetricsLog.plot`.
     """
-    train = read_metrics(metrics_path, "train")
-    if not train:
+    return plot_series(Series.from_file(metrics_path), png_path)
+
+
+def plot_series(series: Series, png_path: str) -> Optional[str]:
+    """Draw ``series`` (loss, training accuracy with and without margin, verification accuracy against step)."""
+    loss = series.series("loss")
+    if not loss:
         return None
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    verify: Dict[str, List[tuple]] = {}
-    for r in read_metrics(metrics_path, "verify"):
-        verify.setdefault(r["target"], []).append((r["step"], r["acc"]))
+    verify = series.verify
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    steps = [r["step"] for r in train]
-    axes[0].plot(steps, [r["loss"] for r in train], lw=0.8)
-    axes[0].set_title("training loss")
-    accs = [(r["step"], r["acc"]) for r in train if r.get("acc") is not None]
+    axes[0].plot(*zip(*loss), lw=0.8)
+    axes[0].set_title("training loss" + (f" (means of {series.width} steps)" if series.width > 1 else ""))
+    accs = series.series("acc")
     if accs:
         axes[1].plot(*zip(*accs), lw=0.8, label="margin")
-    nomargin = [(r["step"], r["acc_nomargin"]) for r in train if r.get("acc_nomargin") is not None]
+    nomargin = series.series("acc_nomargin")
     if nomargin:
         axes[1].plot(*zip(*nomargin), lw=0.8, label="no margin")
         axes[1].legend()
@@ -143,4 +218,4 @@ def plot_curves(metrics_path: str, png_path: str) -> Optional[str]:
     return png_path
 
 
-__all__ = ["MetricsLog", "read_metrics", "Window", "plot_curves"]
+__all__ = ["MetricsLog", "Series", "read_metrics", "Window", "plot_curves", "plot_series"]

@@ -27,9 +27,9 @@ from easydict import EasyDict as edict
 from recognition import callbacks as cb
 from recognition.args import check_positive
 from recognition.common import (ToolkitError, atomic_write, parse_ctx, parse_prefix_epoch, remove_stale_temps,
-                                setup_logging)
+                                setup_logging, symbol_graph)
 from recognition.launch import DIST_KVSTORES, check_kvstore, worker_exit_on_error
-from recognition.metrics_log import MetricsLog, Window, plot_curves
+from recognition.metrics_log import MetricsLog, Window
 
 logger = logging.getLogger("recognition")
 
@@ -169,7 +169,7 @@ def lr_at(step: int, base_lr: float, lr_steps: List[int], warmup_steps: int = 0)
 
 
 def _has_random_ops(symbol) -> bool:
-    ops = {n["op"] for n in json.loads(symbol.tojson())["nodes"]}
+    ops = {n["op"] for n in symbol_graph(symbol)["nodes"]}
     return any(op == "Dropout" or op.startswith(("_random", "_sample")) for op in ops)
 
 
@@ -496,7 +496,7 @@ class Trainer:
         if results:
             logger.info("[%d]Accuracy-Highest: %1.5f", self.step, self.policy.highest[1])
         self._save_resume()
-        plot_curves(self.metrics.path, self.curves)
+        self.metrics.plot(self.curves)
         self._last_round = (self.step, epoch is not None)
         return results
 

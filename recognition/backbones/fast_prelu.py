@@ -32,6 +32,8 @@ from typing import Dict, Optional, Tuple
 
 import mxnet as mx
 
+from recognition.common import symbol_graph, symbol_json
+
 UNIT_AUX_SUFFIXES = ("_unit_moving_mean", "_unit_moving_var")
 PRELU_MARK = "__prelu_slope__"  # attribute on the last node of a bn_prelu: the slope variable's name
 
@@ -127,7 +129,7 @@ def fill_unit_aux(sym: mx.sym.Symbol, aux: Dict[str, mx.nd.NDArray]) -> Dict[str
 def to_stock_graph(sym: mx.sym.Symbol) -> mx.sym.Symbol:
     """``sym`` with every :func:`bn_prelu` replaced by ``LeakyReLU(act_type='prelu')`` on the same ``NAME_gamma``:
     insightface's graph and parameter names (the unit states disappear). Other graphs come back unchanged."""
-    graph = json.loads(sym.tojson())
+    graph = symbol_graph(sym)
     nodes = graph["nodes"]
     marked = [n for n in nodes if PRELU_MARK in n.get("attrs", {})]
     if not marked:
@@ -140,7 +142,7 @@ def to_stock_graph(sym: mx.sym.Symbol) -> mx.sym.Symbol:
         node["inputs"] = [node["inputs"][0], [index[gamma], 0, 0]]
     # the replaced nodes' subgraphs are now unreachable; rebuilding from the heads drops them
     rebuilt = mx.sym.load_json(json.dumps(graph))
-    return mx.sym.load_json(rebuilt.tojson())
+    return mx.sym.load_json(symbol_json(rebuilt))
 
 
 def _is_stock_prelu(node: dict) -> bool:
@@ -157,7 +159,7 @@ def from_stock_graph(sym: mx.sym.Symbol, mode: str = "bn",
     with the fast formulation; ``'bn'`` adds the unit auxiliary states (:func:`fill_unit_aux` supplies them).
     Graphs without stock PReLU nodes come back unchanged.
     """
-    graph = json.loads(sym.tojson())
+    graph = symbol_graph(sym)
     nodes = graph["nodes"]
     if not any(_is_stock_prelu(n) for n in nodes):
         return sym
@@ -181,7 +183,7 @@ def from_stock_graph(sym: mx.sym.Symbol, mode: str = "bn",
                 shapes.update(zip(sym.list_arguments(), arg_shapes))
             channels = int(shapes[gamma_node["name"]][0])
         name, placeholder = node["name"], "__prelu_input__"
-        sub_graph = json.loads(build(mx.sym.var(placeholder), name, channels).tojson())
+        sub_graph = symbol_graph(build(mx.sym.var(placeholder), name, channels))
         sub_nodes = sub_graph["nodes"]
         sub_map = {}
         for j, sub in enumerate(sub_nodes):
@@ -208,7 +210,7 @@ def from_stock_graph(sym: mx.sym.Symbol, mode: str = "bn",
 
 def count_prelu(sym: mx.sym.Symbol) -> Dict[str, int]:
     """``{'bn': n, 'stock': m}``: :func:`bn_prelu` layers and ``LeakyReLU(act_type='prelu')`` nodes of ``sym``."""
-    nodes = json.loads(sym.tojson())["nodes"]
+    nodes = symbol_graph(sym)["nodes"]
     return {"bn": sum(PRELU_MARK in n.get("attrs", {}) for n in nodes), "stock": sum(map(_is_stock_prelu, nodes))}
 
 

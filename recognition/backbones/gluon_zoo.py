@@ -17,7 +17,7 @@ from typing import Dict, List, Tuple
 import mxnet as mx
 
 from recognition.backbones.layers import embedding_head, normalise_input
-from recognition.common import ToolkitError
+from recognition.common import ToolkitError, symbol_graph
 
 DEFAULT_EMB_SIZE = 512
 # layers after the feature extractor that are dropped (the face head pools with its own FC)
@@ -56,7 +56,7 @@ def _feature_blocks(net) -> list:
 
 def _rename(sym: mx.sym.Symbol, old_prefix: str, new_prefix: str) -> mx.sym.Symbol:
     """Rename Gluon's variables: stable prefix, ``running_*`` -> ``moving_*``, PReLU ``alpha`` -> ``gamma``."""
-    graph = json.loads(sym.tojson())
+    graph = symbol_graph(sym)
     for node in graph["nodes"]:
         node["name"] = _stable_name(node["name"], old_prefix, new_prefix)
     return mx.sym.load_json(json.dumps(graph))
