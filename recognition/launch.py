@@ -215,6 +215,35 @@ def worker_exit_on_error() -> Iterator[None]:
         os._exit(code)
 
 
+def worker_kvstore(name: str):
+    """``mx.kv.create(name)`` in a launched worker (waits until the scheduler, servers and all workers are up).
+
+    The servers only sum gradients; the optimizer runs in every worker (``MXNET_UPDATE_ON_KVSTORE=0``). A
+    server-side optimizer is a pickled copy made once: it would never see the lr schedule (``opt.lr`` set per step)
+    nor the per-parameter multipliers set after ``init_optimizer``, and its states could not be saved for
+    ``--resume``. Each worker applies the same summed gradient to the same parameters, so they stay identical.
+    A stage switch binds a new Module that initialises every key again; ps-lite would count a second ``init``
+    (pushed by rank 0 only) as a gradient push and wait for the other workers forever: keys are initialised once.
+    """
+    import mxnet as mx
+
+    os.environ["MXNET_UPDATE_ON_KVSTORE"] = "0"
+    kv = mx.kv.create(name)
+    seen: set = set()
+    init = kv.init
+
+    def init_once(key, value):
+        keys, values = (list(key), list(value)) if isinstance(key, (list, tuple)) else ([key], [value])
+        new = [(k, v) for k, v in zip(keys, values) if k not in seen]
+        seen.update(k for k, _ in new)
+        if new:
+            init([k for k, _ in new], [v for _, v in new])
+
+    kv.init = init_once
+    logging.getLogger("recognition").info("kvstore %s: worker %d of %d", name, kv.rank, kv.num_workers)
+    return kv
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
