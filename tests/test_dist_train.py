@@ -143,6 +143,23 @@ def test_train_py_two_workers_equal_one_process(tiny_data, tmp_path):
     _, start, _ = load_checkpoint(str(tmp_path / "pre" / "model"), 0)
     assert not np.allclose(ckpt["conv0_weight"].asnumpy(), start["conv0_weight"].asnumpy())  # stage 'all' ran
 
+    # --resume under the launcher: stop both workers after 2 of the 3 steps, resume them (every worker reads rank 0's
+    # state), and they must end where the uninterrupted workers ended
+    part, dump2 = tmp_path / "part", tmp_path / "dump2"
+    for extra in (["--prefix", str(part / "model"), *common_args(tiny_data, "--pretrained", pre), "--max-steps", "2"],
+                  ["--resume", str(part), "--max-steps", "3"]):
+        rc, out, _ = _launch(["--num-workers", "2", "--num-servers", "1", "--timeout", "120", "--grace", "3", "--",
+                              sys.executable, "recognition/train.py", "--kvstore", "dist_sync", *extra],
+                             timeout=150, env={"IFR_DIST_DUMP": str(dump2), "OMP_NUM_THREADS": "1"})
+        assert rc == 0, out
+        _children_gone(out)
+    assert [r["step"] for r in read_metrics(str(part / "metrics.jsonl"), "train")] == [1, 2, 3]
+    resumed = [mx.nd.load(str(dump2 / f"rank{r}.params")) for r in range(2)]
+    for name in args:
+        w = resumed[0]["arg:" + name].asnumpy()
+        np.testing.assert_array_equal(resumed[1]["arg:" + name].asnumpy(), w, err_msg=name)
+        np.testing.assert_array_equal(w, ranks[0]["arg:" + name].asnumpy(), err_msg=name)  # exact continuation
+
 
 @pytest.mark.slow
 def test_failing_worker_exits_and_the_launcher_stops_the_rest(tiny_data, tmp_path):
