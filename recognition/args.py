@@ -105,6 +105,9 @@ def add_finetune_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--stages", default=None,
                    help='stage plan, e.g. "head:500,all:2000"; NAME:N@F runs a stage at F x the scheduled lr, e.g. '
                         '"head:500@0.1,all:2000" (an imprinted classifier wants a small head-stage lr)')
+    g.add_argument("--stage-warmup", type=int, default=None,
+                   help="ramp the lr linearly over the first N batches of every stage after the first: the "
+                        "unfrozen backbone starts gently instead of at full lr")
     g.add_argument("--frozen-stages", type=int, default=None, help="keep the first K backbone stages fixed")
     g.add_argument("--bn-mode", choices=("train", "frozen"), default=None,
                    help="frozen: BatchNorm uses its stored statistics throughout")

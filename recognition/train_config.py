@@ -101,6 +101,7 @@ default.fc7_init = "random"
 default.freeze_steps = 0
 default.head_lr_mult = 1.0  # lr factor of the --freeze-steps head stage; --stages writes it as head:N@F
 default.stages = None
+default.stage_warmup = 0  # batches of linear lr ramp at the start of each stage after the first
 default.frozen_stages = 0
 default.backbone_lr_mult = 1.0
 default.bn_mode = "train"

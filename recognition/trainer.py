@@ -27,7 +27,7 @@ from recognition import callbacks as cb
 from recognition.common import ToolkitError, atomic_write, remove_stale_temps, setup_logging, symbol_graph
 from recognition.launch import DIST_KVSTORES, worker_exit_on_error, worker_kvstore
 from recognition.metrics_log import MetricsLog, Window
-from recognition.run_plan import lr_at, prepare_run  # noqa: F401  (lr_at: re-exported)
+from recognition.run_plan import lr_at, prepare_run, scheduled_lr  # noqa: F401  (lr_at: re-exported)
 
 logger = logging.getLogger("recognition")
 
@@ -415,8 +415,7 @@ class Trainer:
                 continue
             # the stage's factor (--stages head:N@F, --head-lr-mult) times the schedule; the stage follows from the
             # step and the saved config, so a resumed run gets the same lr
-            lr = plan.stages[self.stage_idx].lr_mult * \
-                lr_at(self.step, float(cfg.lr), plan.lr_steps, int(cfg.warmup_steps or 0))
+            lr = scheduled_lr(self.step, cfg, plan)
             self.opt.lr = lr
             if self._random_graph:
                 mx.random.seed(int(cfg.seed or 0) * 1000003 + self.step)
