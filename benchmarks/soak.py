@@ -165,10 +165,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     finally:
         if tmp is not None:
             tmp.cleanup()
-    s0 = r["samples"][0]
+    s0 = next((s for s in r["samples"] if s["step"] > 0), r["samples"][0])  # the child has started training
     print(f"steps {r['steps']}, verification rounds {r['verification_rounds']}, checkpoints kept "
           f"{', '.join(r['checkpoints'])}")
-    print(f"RSS: first sample {s0['rss_mb']:.1f} MB, after warm-up {r['steady_start_rss_mb']:.1f} MB, end "
+    print(f"RSS: at the first step {s0['rss_mb']:.1f} MB, after warm-up {r['steady_start_rss_mb']:.1f} MB, end "
           f"{r['end_rss_mb']:.1f} MB, max {r['max_rss_mb']:.1f} MB (verification rounds peak, then fall back)")
     print(f"RSS floor per {args.report_minutes:g}-min window after warm-up: {r['floors_mb']} MB; growth "
           f"{r['growth_mb']:+.1f} MB, fitted slope {r['slope_mb_per_h']:+.1f} MB/h; fds growth {r['fds_growth']:+d}")
