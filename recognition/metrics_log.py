@@ -16,7 +16,7 @@ import json
 import logging
 import os
 import time
-from typing import Dict, List, Optional
+from typing import Dict, Iterator, List, Optional
 
 from recognition.common import atomic_write
 
@@ -79,7 +79,7 @@ class Series:
     def from_file(cls, path: str, max_points: int = 2000) -> "Series":
         """Read ``metrics.jsonl`` once (a resumed run, or :func:`plot_curves` on a finished one)."""
         out = cls(max_points)
-        for rec in read_metrics(path):
+        for rec in iter_metrics(path):
             out.add(rec)
         return out
 
@@ -110,13 +110,13 @@ class MetricsLog:
     def truncate_after(self, step: int) -> None:
         """Keep only records with ``step <= step`` (rewritten atomically)."""
         self._f.close()
-        kept = [r for r in read_metrics(self.path) if int(r.get("step", 0)) <= step]
-        with atomic_write(self.path, "w") as f:
-            for r in kept:
-                f.write(json.dumps(r, sort_keys=True) + "\n")
-        self.series = Series()
-        for r in kept:
-            self.series.add(r)
+        series = Series(self.series.max_points)
+        with atomic_write(self.path, "w") as f:  # streamed: a long run's log is never held in memory
+            for r in iter_metrics(self.path):
+                if int(r.get("step", 0)) <= step:
+                    f.write(json.dumps(r, sort_keys=True) + "\n")
+                    series.add(r)
+        self.series = series
         self._f = open(self.path, "a")
 
     def close(self) -> None:
@@ -124,11 +124,10 @@ class MetricsLog:
             self._f.close()
 
 
-def read_metrics(path: str, kind: Optional[str] = None) -> List[dict]:
-    """Records of ``path`` (optionally of one ``kind``); a torn last line is ignored."""
-    out = []
+def iter_metrics(path: str, kind: Optional[str] = None) -> Iterator[dict]:
+    """Records of ``path`` one at a time (optionally of one ``kind``); a torn last line is skipped."""
     if not os.path.isfile(path):
-        return out
+        return
     with open(path) as f:
         for line in f:
             try:
@@ -136,8 +135,12 @@ def read_metrics(path: str, kind: Optional[str] = None) -> List[dict]:
             except ValueError:
                 continue
             if kind is None or rec.get("kind") == kind:
-                out.append(rec)
-    return out
+                yield rec
+
+
+def read_metrics(path: str, kind: Optional[str] = None) -> List[dict]:
+    """Records of ``path`` (optionally of one ``kind``) as a list; see :func:`iter_metrics`."""
+    return list(iter_metrics(path, kind))
 
 
 class Window:
@@ -218,4 +221,4 @@ def plot_series(series: Series, png_path: str) -> Optional[str]:
     return png_path
 
 
-__all__ = ["MetricsLog", "Series", "read_metrics", "Window", "plot_curves", "plot_series"]
+__all__ = ["MetricsLog", "Series", "iter_metrics", "read_metrics", "Window", "plot_curves", "plot_series"]
