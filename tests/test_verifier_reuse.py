@@ -29,3 +29,28 @@ def test_verifier_reuses_its_module_and_matches_a_fresh_bind(tiny_data):
         np.testing.assert_array_equal(got[name]["embeddings"], want[name]["embeddings"])
     other = Verifier(tiny_data["bins"], ctx=mx.cpu(), batch_size=16)(sym, *first)
     assert any(other[n]["xnorm"] != got[n]["xnorm"] for n in got)  # the params really changed the result
+
+
+def test_embedder_small_batches_use_shared_bindings_and_follow_set_params():
+    """A remainder smaller than the bound batch goes through a power-of-two binding that shares the parameters:
+    same embeddings as the full binding (each row computed alone, BatchNorm on stored statistics), and new
+    parameters loaded with set_params reach it too."""
+    from recognition.verification import Embedder
+
+    sym = get_symbol("tiny", prelu="stock")
+    first, second = _params(sym, 0), _params(sym, 1)
+    x = np.random.RandomState(2).uniform(0, 255, (37, 3, 112, 112)).astype(np.float32)
+    emb = Embedder(sym, *first, ctx=mx.cpu(), batch_size=16)
+    full = np.concatenate([emb(x[i:i + 16]) for i in (0, 16)])  # two full chunks: the main binding only
+    assert emb._small == {}
+    tail = emb(x[32:])  # 5 rows -> a batch-8 binding
+    assert sorted(emb._small) == [8]
+    one = np.stack([emb(x[i:i + 1])[0] for i in range(3)])  # one at a time -> a batch-1 binding
+    assert sorted(emb._small) == [1, 8]
+    ref = Embedder(sym, *first, ctx=mx.cpu(), batch_size=64)(x)  # padded into one batch of 64
+    np.testing.assert_allclose(np.concatenate([full, tail]), ref, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(one, ref[:3], rtol=1e-4, atol=1e-4)
+    emb.set_params(*second)
+    want = Embedder(sym, *second, ctx=mx.cpu(), batch_size=64)(x[:3])
+    np.testing.assert_allclose(np.stack([emb(x[i:i + 1])[0] for i in range(3)]), want, rtol=1e-4, atol=1e-4)
+    assert np.abs(want - ref[:3]).max() > 1e-2  # the new parameters really changed the embeddings
