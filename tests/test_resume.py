@@ -103,12 +103,17 @@ def test_stage_lr_factor_scales_the_schedule_and_survives_resume(tiny_data, tmp_
     assert all(np.array_equal(arg0[n].asnumpy(), start[n]) for n in trained)
     assert any(not np.array_equal(arg0[n].asnumpy(), arg1[n].asnumpy()) for n in trained)
 
-    part_dir = os.path.join(tmp_path, "part", name)
-    assert run_cli(train.main, _argv(tiny_data, tmp_path / "part", 1, *extra)) == 0
-    assert run_cli(train.main, ["--resume", part_dir, "--max-steps", "4"]) == 0
+    _check_stop_and_resume(tiny_data, tmp_path / "part", name, 1, recs, extra)
+
+
+def _check_stop_and_resume(data, root, name, stop, full, extra):
+    """Train to ``stop``, resume to ``len(full)`` steps: the same lr and losses as the uninterrupted ``full``."""
+    part_dir = os.path.join(root, name)
+    assert run_cli(train.main, _argv(data, root, stop, *extra)) == 0
+    assert run_cli(train.main, ["--resume", part_dir, "--max-steps", str(len(full))]) == 0
     resumed = read_metrics(os.path.join(part_dir, "metrics.jsonl"), "train")
-    assert [r["lr"] for r in resumed] == [r["lr"] for r in recs]
-    np.testing.assert_allclose([r["loss"] for r in resumed], [r["loss"] for r in recs], rtol=1e-5, atol=1e-5)
+    assert [r["lr"] for r in resumed] == [r["lr"] for r in full]
+    np.testing.assert_allclose([r["loss"] for r in resumed], [r["loss"] for r in full], rtol=1e-5, atol=1e-5)
 
 
 def test_scheduled_lr_ramps_each_later_stage():
@@ -138,9 +143,4 @@ def test_stage_warmup_is_logged_and_survives_resume(tiny_data, tmp_path):
     assert run_cli(train.main, _argv(tiny_data, tmp_path / "full", 6, *extra)) == 0
     full = read_metrics(os.path.join(tmp_path, "full", name, "metrics.jsonl"), "train")
     assert [r["lr"] for r in full] == pytest.approx([0.05] * 3 + [0.05 / 3, 0.1 / 3, 0.05])
-    part_dir = os.path.join(tmp_path, "part", name)
-    assert run_cli(train.main, _argv(tiny_data, tmp_path / "part", 4, *extra)) == 0
-    assert run_cli(train.main, ["--resume", part_dir, "--max-steps", "6"]) == 0
-    resumed = read_metrics(os.path.join(part_dir, "metrics.jsonl"), "train")
-    assert [r["lr"] for r in resumed] == [r["lr"] for r in full]
-    np.testing.assert_allclose([r["loss"] for r in resumed], [r["loss"] for r in full], rtol=1e-5, atol=1e-5)
+    _check_stop_and_resume(tiny_data, tmp_path / "part", name, 4, full, extra)
