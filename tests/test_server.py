@@ -246,3 +246,27 @@ def test_cli_serves_and_reports_bad_model(model, tiny_ckpt, tmp_path):
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def test_fixed_handler_pool_and_idle_keepalive_timeout(model, tmp_path):
+    """Requests run on at most ``threads`` handler threads (a thread per request grew RSS, see server.py); an
+    idle keep-alive connection holding the only thread is closed after ``idle_timeout``, so others get served."""
+    import socket
+
+    srv = Running(model, str(tmp_path / "pool.sqlite"), threads=1, idle_timeout=0.5)
+    try:
+        for _ in range(30):
+            assert srv.call("GET", "/health")[0] == 200
+        assert len(srv.server._pool._threads) == 1  # every request on the one pool thread
+        host, port = srv.server.server_address[:2]
+        with socket.create_connection((host, port)) as idle:  # connects, sends nothing: occupies the thread
+            idle.settimeout(10)
+            st, out = srv.call("GET", "/health")  # waits in the queue until the idle connection times out
+            assert st == 200 and out["status"] == "ok"
+            assert idle.recv(1) == b""  # the server closed the idle connection
+    finally:
+        srv.stop()
+    for kw, msg in (({"threads": 0}, r"--threads 0: must be >= 1"),
+                    ({"idle_timeout": 0}, r"--idle-timeout 0: must be > 0 seconds")):
+        with pytest.raises(ToolkitError, match=msg):
+            make_server(model, str(tmp_path / "bad.sqlite"), "127.0.0.1", 0, **kw)
