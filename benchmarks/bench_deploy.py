@@ -1,0 +1,133 @@
+"""Benchmark the deploy path: one face at a time vs batches, and the server's memory over many requests.
+
+    python benchmarks/bench_deploy.py embed                       # ms per face: get_feature and get_features
+    python benchmarks/bench_deploy.py server --requests 6000      # server RSS every 1,000 /detectFace calls
+
+``embed`` times ``FaceModel.get_feature`` (one face, the usual deploy call) and ``get_features`` at several batch
+sizes, and prints the largest difference between the single and batched embeddings. ``server`` starts
+``deploy/server.py`` in a child process, registers one face, posts ``/detectFace`` ``--requests`` times and prints the
+server's resident memory (``VmRSS``) every ``--every`` requests; a flat line is the goal. The model is the real
+``../shared/fixtures/model-y1-test2`` checkpoint unless ``--model PREFIX,EPOCH`` is given. Figures on a shared
+machine are noisy: compare like with like.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from typing import Optional, Sequence
+
+import numpy as np
+
+from recognition.common import ToolkitError, run_cli
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIXTURE = os.path.join(ROOT, "..", "shared", "fixtures", "model-y1-test2", "model") + ",0"
+
+
+def faces(n: int, seed: int = 0) -> list:
+    rng = np.random.RandomState(seed)
+    return [rng.randint(0, 256, (112, 112, 3)).astype(np.uint8) for _ in range(n)]
+
+
+def bench_embed(model_spec: str, batch_sizes: Sequence[int], n: int = 64) -> None:
+    from deploy.face_model import FaceModel
+
+    imgs = faces(n)
+    for bs in batch_sizes:
+        model = FaceModel(model_spec, batch_size=bs)
+        model.get_feature(imgs[0])  # bind the one-face path outside the timing
+        model.get_features(imgs[:bs])
+        t = time.perf_counter()
+        one = np.stack([model.get_feature(im) for im in imgs[:16]])
+        t_one = (time.perf_counter() - t) / 16
+        t = time.perf_counter()
+        many = model.get_features(imgs)
+        t_many = (time.perf_counter() - t) / n
+        print(f"batch {bs:3d}: get_feature {t_one * 1e3:7.1f} ms/face, get_features({n}) {t_many * 1e3:7.1f} ms/face,"
+              f" max |single - batched| {np.abs(one - many[:16]).max():.1e}", flush=True)
+
+
+def _rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS"):
+                return int(line.split()[1]) / 1024.0
+    raise ToolkitError(f"no VmRSS for pid {pid}")
+
+
+def bench_server(model_spec: str, requests: int, every: int, port: int, workdir: str) -> None:
+    import cv2
+
+    db = os.path.join(workdir, "bench-gallery.sqlite")
+    for suffix in ("", "-wal", "-shm"):
+        if os.path.exists(db + suffix):
+            os.remove(db + suffix)
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "deploy", "server.py"), "--model", model_spec,
+                             "--db", db, "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+
+    def post(path: str, body: dict) -> dict:
+        req = urllib.request.Request(url + path, data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            return json.loads(resp.read())
+
+    try:
+        for _ in range(240):
+            if proc.poll() is not None:
+                raise ToolkitError(f"server exited with code {proc.returncode}: "
+                                   f"{proc.stderr.read().decode(errors='replace').strip()[-300:]}")
+            try:
+                urllib.request.urlopen(url + "/health", timeout=2).close()
+                break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            raise ToolkitError(f"server did not answer on {url} within 120 s")
+        jpegs = [base64.b64encode(cv2.imencode(".jpg", im)[1].tobytes()).decode() for im in faces(8)]
+        post("/registerFace", {"name": "a", "images": jpegs[:2]})
+        print(f"after start: RSS {_rss_mb(proc.pid):.1f} MB", flush=True)
+        t = time.perf_counter()
+        for i in range(1, requests + 1):
+            post("/detectFace", {"image": jpegs[i % 8]})
+            if i % every == 0:
+                print(f"{i:7d} requests: RSS {_rss_mb(proc.pid):.1f} MB, "
+                      f"{(time.perf_counter() - t) / i * 1e3:.1f} ms/request", flush=True)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="benchmarks/bench_deploy.py", description=__doc__.split("\n\n")[0])
+    ap.add_argument("what", choices=("embed", "server"))
+    ap.add_argument("--model", default=FIXTURE, help="PREFIX,EPOCH (default: the shared y1 fixture)")
+    ap.add_argument("--batch-sizes", default="1,8,32", help="embed: FaceModel batch sizes to time")
+    ap.add_argument("--requests", type=int, default=6000, help="server: /detectFace calls")
+    ap.add_argument("--every", type=int, default=1000, help="server: print RSS every N requests")
+    ap.add_argument("--port", type=int, default=18431)
+    ap.add_argument("--work", default="/tmp", help="server: folder for the gallery file")
+    args = ap.parse_args(argv)
+    if args.model == FIXTURE and not os.path.isfile(FIXTURE.rsplit(",", 1)[0] + "-symbol.json"):
+        raise ToolkitError(f"--model: the default fixture {FIXTURE} is absent; give --model PREFIX,EPOCH")
+    if args.what == "embed":
+        bench_embed(args.model, [int(b) for b in args.batch_sizes.split(",") if b.strip()])
+    else:
+        if args.requests < 1 or args.every < 1:
+            raise ToolkitError("--requests and --every must be >= 1")
+        bench_server(args.model, args.requests, args.every, args.port, args.work)
+    return 0
+
+
+def cli() -> None:
+    sys.exit(run_cli(main))
+
+
+if __name__ == "__main__":
+    cli()
