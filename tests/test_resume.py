@@ -144,3 +144,9 @@ def test_stage_warmup_is_logged_and_survives_resume(tiny_data, tmp_path):
     full = read_metrics(os.path.join(tmp_path, "full", name, "metrics.jsonl"), "train")
     assert [r["lr"] for r in full] == pytest.approx([0.05] * 3 + [0.05 / 3, 0.1 / 3, 0.05])
     _check_stop_and_resume(tiny_data, tmp_path / "part", name, 4, full, extra)
+
+
+def test_negative_stage_warmup_is_one_line(tiny_data, tmp_path, capsys):
+    assert run_cli(train.main, _argv(tiny_data, tmp_path / "bad", 1, "--stage-warmup", "-1")) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "error: --stage-warmup -1: must be >= 0"
+    assert not (tmp_path / "bad").exists()  # refused before anything was written
