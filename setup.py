@@ -27,7 +27,7 @@ setup(
     ],
     extras_require={
         "onnx": ["onnx<1.16", "onnxruntime"],  # mx.onnx imports onnx.mapping, gone in 1.16
-        "test": ["pytest", "pytest-timeout"],
+        "test": ["pytest", "pytest-timeout", "ruff==0.17.6"],
     },
     entry_points={
         "console_scripts": [

@@ -14,9 +14,9 @@ import os
 import sys
 from typing import Optional, Sequence
 
+from datasets.folder2rec import image_kind
 from recognition.common import atomic_write, run_cli
 from recognition.rec import safe_load_bin_pickle
-from datasets.folder2rec import image_kind
 
 
 def bin2images(path: str, out_dir: str) -> dict:

@@ -20,9 +20,9 @@ import re
 import sys
 from typing import List, Optional, Sequence, Tuple
 
+from datasets.folder2rec import image_bytes
 from recognition.common import ToolkitError, run_cli
 from recognition.rec import save_bin
-from datasets.folder2rec import image_bytes
 
 _TRUE, _FALSE = {"1", "true", "yes", "same"}, {"0", "false", "no", "diff", "different"}
 

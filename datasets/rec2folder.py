@@ -17,9 +17,9 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from datasets.folder2rec import image_kind
 from recognition.common import ToolkitError, atomic_write, run_cli
 from recognition.rec import RecordReader
-from datasets.folder2rec import image_kind
 
 
 def rec2folder(rec: str, out_dir: str) -> dict:

@@ -37,7 +37,7 @@ def select_layer(symbol, layer: Optional[str] = None, where: str = "--layer"):
     layer = layer or EMBED_NODE
     internals = symbol.get_internals()
     outputs = internals.list_outputs()
-    name = layer if layer in outputs or not (layer + "_output") in outputs else layer + "_output"
+    name = layer if layer in outputs or (layer + "_output") not in outputs else layer + "_output"
     if name not in outputs:
         named = [o for o in outputs if o.endswith("_output")]
         close = difflib.get_close_matches(layer, named, n=5, cutoff=0.5) or named[-5:]

@@ -208,7 +208,8 @@ def stage_plan(symbol, stage: Stage, stage_table: Sequence[Tuple[str, str]], fro
     """``(fixed_param_names, frozen_bn_names)`` of ``symbol`` (training or embedding graph) during ``stage``.
 
     'head': every backbone parameter is fixed except the embedding stage (and fc7 / other loss-head parameters);
-    every BatchNorm is frozen, the embedding stage's included (its gamma/beta still train). 'STAGE+': stages before STAGE fixed. ``frozen_stages`` K fixes the first K stages
+    every BatchNorm is frozen, the embedding stage's included (its gamma/beta still train). 'STAGE+': stages before
+    STAGE fixed. ``frozen_stages`` K fixes the first K stages
     in every phase. ``bn_mode='frozen'`` freezes every BatchNorm's statistics (mmpretrain's ``norm_eval``).
     Backbone = the ancestry of ``fc1_output``; parameters outside it (fc7, margins, centres) are never fixed.
     """

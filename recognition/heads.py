@@ -19,6 +19,7 @@ from typing import List, Optional, Tuple
 import mxnet as mx
 
 from recognition.common import ToolkitError, symbol_graph
+
 # importing losses_center registers its CustomOp, so a saved training symbol with center loss can be bound
 from recognition.losses_center import center_loss_symbol
 from recognition.losses_triplet import triplet_loss_symbol

@@ -193,7 +193,8 @@ class FaceImageIter(mx.io.DataIter):
         if "cut" in aug and aug["cut"][i]:
             half = self.cutoff // 2
             cy, cx = aug["cut_yx"][i]
-            out[:, max(0, cy - half):max(0, cy - half + self.cutoff), max(0, cx - half):max(0, cx - half + self.cutoff)] = 127
+            y0, x0 = max(0, cy - half), max(0, cx - half)
+            out[:, y0:max(0, cy - half + self.cutoff), x0:max(0, cx - half + self.cutoff)] = 127
         return True
 
     def _decode_range(self, dst, idx, aug, lo, hi) -> List[int]:

@@ -14,9 +14,20 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from recognition.checkpoint_graph import (EMBEDDING_NODE, _adopt_bn_attrs, _alias_candidates, _find_classifier,
-                                          _is_input, _mx_error_line, _normalise_names, _positional, cut_at_embedding,
-                                          embedding_layer, infer_param_shapes, set_embedding_size)
+from recognition.checkpoint_graph import (
+    EMBEDDING_NODE,
+    _adopt_bn_attrs,
+    _alias_candidates,
+    _find_classifier,
+    _is_input,
+    _mx_error_line,
+    _normalise_names,
+    _positional,
+    cut_at_embedding,
+    embedding_layer,
+    infer_param_shapes,
+    set_embedding_size,
+)
 from recognition.common import ToolkitError, load_checkpoint, parse_prefix_epoch
 from recognition.load_report import LoadReport, fmt_shape, meta_path, read_meta, write_meta
 

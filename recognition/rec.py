@@ -39,7 +39,8 @@ def read_property(folder: str) -> Tuple[int, int, int]:
     except ValueError:
         values = []
     if len(values) != 3 or min(values) <= 0:
-        raise ToolkitError(f"{path}: cannot parse {text[:60]!r}; expected one line 'num_classes,h,w' e.g. '1000,112,112'")
+        raise ToolkitError(
+            f"{path}: cannot parse {text[:60]!r}; expected one line 'num_classes,h,w' e.g. '1000,112,112'")
     return values[0], values[1], values[2]
 
 

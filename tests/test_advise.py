@@ -6,8 +6,16 @@ import os
 import numpy as np
 import pytest
 
-from recognition.advise import (SCENARIOS, Thresholds, advise, decide_scenario, per_batch_size, sample_pairs,
-                                sample_subset, spread)
+from recognition.advise import (
+    SCENARIOS,
+    Thresholds,
+    advise,
+    decide_scenario,
+    per_batch_size,
+    sample_pairs,
+    sample_subset,
+    spread,
+)
 from recognition.common import run_cli
 
 

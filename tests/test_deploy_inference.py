@@ -5,11 +5,11 @@ import cv2
 import mxnet as mx
 import numpy as np
 import pytest
+from test_verification import tiny_symbol  # noqa: E402 (one small test network; tests/ is on sys.path)
 
 from deploy import align, compare, extract, search
 from deploy.face_model import FaceModel
 from recognition.common import ToolkitError, run_cli, save_checkpoint
-from test_verification import tiny_symbol  # noqa: E402 (one small test network; tests/ is on sys.path)
 
 
 @pytest.fixture(scope="module")

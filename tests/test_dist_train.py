@@ -8,13 +8,13 @@ import sys
 import mxnet as mx
 import numpy as np
 import pytest
+from test_dist import _children_gone, _launch  # noqa: E402 (tests/ is on sys.path under pytest)
 
 from recognition import train
 from recognition.common import ToolkitError, load_checkpoint, run_cli
 from recognition.image_iter import FaceImageIter
 from recognition.launch import check_kvstore
 from recognition.metrics_log import read_metrics
-from test_dist import _children_gone, _launch  # noqa: E402 (tests/ is on sys.path under pytest)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NO_DMLC = {k: v for k, v in os.environ.items() if not k.startswith("DMLC_")}

@@ -6,8 +6,17 @@ import numpy as np
 import pytest
 
 from recognition.common import ToolkitError
-from recognition.freeze import (Stage, freeze_batchnorm, param_multipliers, parse_stages, stage_at, stage_plan,
-                                stage_symbol, stage_table_for, without_dropout)
+from recognition.freeze import (
+    Stage,
+    freeze_batchnorm,
+    param_multipliers,
+    parse_stages,
+    stage_at,
+    stage_plan,
+    stage_symbol,
+    stage_table_for,
+    without_dropout,
+)
 
 SHAPE = (4, 3, 16, 16)
 FRESNET_NAMES = ["data", "conv0_weight", "bn0_gamma", "bn0_beta", "relu0_gamma", "stage1_unit1_conv1_weight",

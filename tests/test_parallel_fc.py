@@ -37,8 +37,9 @@ def batches(num_classes, batch=6, steps=2, seed=1):
             for _ in range(steps)]
 
 
-def reference_run(cfg, num_classes, arg, data, ctx=(mx.cpu(0),), aux=None, embedding=None):
+def reference_run(cfg, num_classes, arg, data, ctx=None, aux=None, embedding=None):
     """Single-symbol training (train.py's path): build_train_symbol + Module, rescale_grad = 1/devices."""
+    ctx = ctx or (mx.cpu(0),)
     sym, _ = build_train_symbol(embedding if embedding is not None else small_net(), num_classes, cfg)
     mod = mx.mod.Module(sym, context=list(ctx))
     mod.bind(data_shapes=[("data", data[0].data[0].shape)], label_shapes=[("softmax_label", data[0].label[0].shape)])

@@ -7,8 +7,15 @@ import numpy as np
 import pytest
 
 from recognition.common import ToolkitError
-from recognition.rec import (RecordReader, RecordWriter, read_property, safe_load_bin_pickle, save_bin,
-                             write_dataset, write_property)
+from recognition.rec import (
+    RecordReader,
+    RecordWriter,
+    read_property,
+    safe_load_bin_pickle,
+    save_bin,
+    write_dataset,
+    write_property,
+)
 
 
 def _samples(n_classes=4, per=3, seed=0):

@@ -48,7 +48,8 @@ def test_same_result_as_train_py_and_interchangeable_checkpoints(runs, tiny_data
     assert sorted(arg_t) == sorted(arg_p) and arg_p["fc7_weight"].shape == (tiny_data["num_classes"], 128)
     assert sym_t.list_arguments() == sym_p.list_arguments()  # same full training graph: loads in either script
     # ArcFace at s=64 with lr 0.05 amplifies float summation-order differences (fc7 gradient summed per shard here,
-    # per device slice in train.py; prelu='bn' adds BatchNorm reductions: conv0 differs by up to ~6e-4); the op-level equivalence to 1e-4 is in test_parallel_fc.py
+    # per device slice in train.py; prelu='bn' adds BatchNorm reductions: conv0 differs by up to ~6e-4); the op-level
+    # equivalence to 1e-4 is in test_parallel_fc.py
     for name in arg_t:
         np.testing.assert_allclose(arg_p[name].asnumpy(), arg_t[name].asnumpy(), rtol=1e-3, atol=1e-3,
                                    err_msg=name)
@@ -61,7 +62,8 @@ def test_pretrained_from_train_py_splits_fc7_and_resume(runs, tiny_data, tmp_pat
     spec = f"{runs['train']},{int(params[-1][-11:-7])}"
     _, arg0, _ = load_checkpoint(runs["train"], int(params[-1][-11:-7]))
     # --lr 0: parameters must come through the split and the reassembly unchanged
-    _run("parall", _flags(tiny_data, prefix, steps=1, extra=["--pretrained", spec, "--lr", "0", "--sample-ratio", "0.5"]))
+    extra = ["--pretrained", spec, "--lr", "0", "--sample-ratio", "0.5"]
+    _run("parall", _flags(tiny_data, prefix, steps=1, extra=extra))
     _, arg1, _ = _final(prefix)
     np.testing.assert_array_equal(arg1["fc7_weight"].asnumpy(), arg0["fc7_weight"].asnumpy())
     np.testing.assert_array_equal(arg1["conv0_weight"].asnumpy(), arg0["conv0_weight"].asnumpy())

@@ -14,8 +14,13 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 import mxnet as mx
 
 from recognition.backbones import fmobilefacenet, fmobilenet, fresnet, vargfacenet
-from recognition.backbones.fast_prelu import (checkpoint_form, convert_prelu, drop_unit_aux, fill_unit_aux,
-                                               to_stock_graph)
+from recognition.backbones.fast_prelu import (
+    checkpoint_form,
+    convert_prelu,
+    drop_unit_aux,
+    fill_unit_aux,
+    to_stock_graph,
+)
 from recognition.backbones.layers import check_prelu_mode
 from recognition.common import ToolkitError
 
@@ -115,5 +120,6 @@ def load_imagenet_params(name: str):
     return gluon_zoo.load_imagenet_params(name)
 
 
-__all__ = ["NETWORKS", "NetworkSpec", "checkpoint_form", "convert_prelu", "default_emb_size", "drop_unit_aux", "fill_unit_aux",
+__all__ = ["NETWORKS", "NetworkSpec", "checkpoint_form", "convert_prelu", "default_emb_size", "drop_unit_aux",
+           "fill_unit_aux",
            "get_stages", "get_symbol", "list_networks", "load_imagenet_params", "to_stock_graph"]

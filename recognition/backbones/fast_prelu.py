@@ -15,7 +15,8 @@ MKLDNN-layout array pays a full copy. Rounding differs from the stock operator b
 
 Measured (2-core shared CPU, batch 32, forward+backward in ms; noisy): stock activation alone (64,56,56) ~360,
 (128,28,28) ~310, (256,14,14) ~157, (512,7,7) ~90; BatchNorm + this ~77 / ~42 / ~19 / ~10 against
-BatchNorm + ReLU ~52 / ~26 / ~13 / ~7. Also tried and slower: 1x1 depthwise convolution by ``gamma`` (MKLDNN), ``broadcast_mul``
+BatchNorm + ReLU ~52 / ~26 / ~13 / ~7. Also tried and slower: 1x1 depthwise convolution by ``gamma`` (MKLDNN),
+``broadcast_mul``
 over (N, H, W), over N only, over H*W rows, ``broadcast_like``, ``batch_dot`` (fused multiply-reduce), a second
 BatchNorm sharing the moving statistics with scaled gamma/beta, ``relu(x) + gamma*min(x,0)``. Whole-step figures:
 ``benchmarks/bench_train.py``.
