@@ -9,14 +9,12 @@ from __future__ import annotations
 import argparse
 from typing import Dict, Optional, Sequence
 
+from recognition import objectives
 from recognition.common import ToolkitError
 
-# insightface src/train_softmax.py --loss-type numbers -> loss names (see its get_symbol):
-# 0 softmax (plain FC), 1 SphereFace (LSoftmax, multiplicative angular margin), 2 CosFace / AM-softmax
-# s*(cos - m), 4 ArcFace s*cos(theta + m), 5 combined s*(cos(a*theta + m) - b), 12 triplet (squared L2 between
-# normalised embeddings, --triplet-alpha), 13 triplet with angular distance arccos (margin --margin-m, radians).
-LOSS_TYPES: Dict[int, str] = {0: "softmax", 1: "sphereface", 2: "cosface", 4: "arcface", 5: "combined",
-                              12: "triplet", 13: "atriplet"}
+# insightface src/train_softmax.py --loss-type numbers -> loss names, from the objectives registry (see its
+# get_symbol): 0 softmax, 1 SphereFace, 2 CosFace, 4 ArcFace, 5 combined, 12 triplet, 13 angular triplet.
+LOSS_TYPES: Dict[int, str] = dict(objectives.LOSS_TYPES)
 
 
 def _int01(text: str) -> int:
@@ -36,12 +34,11 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
 
 
 def add_loss_args(parser: argparse.ArgumentParser) -> None:
-    """``--loss --center-loss-weight`` (insightface train.py)."""
-    from recognition.heads import LOSSES
-
+    """``--loss`` (insightface train.py) and every objective's flags (``--center-loss-weight``, mining,
+    distillation)."""
     g = parser.add_argument_group("loss")
-    g.add_argument("--loss", default=None, help=f"loss name: {', '.join(LOSSES)}")
-    g.add_argument("--center-loss-weight", type=float, default=None, help="add centre loss with this weight")
+    g.add_argument("--loss", default=None, help=f"loss name: {', '.join(objectives.LOSSES)}")
+    objectives.add_objective_args(parser, g, legacy=False)
 
 
 def add_legacy_loss_args(parser: argparse.ArgumentParser) -> None:
@@ -49,14 +46,7 @@ def add_legacy_loss_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("loss (train_softmax.py flags)")
     g.add_argument("--loss-type", type=int, default=None,
                    help="; ".join(f"{k} {v}" for k, v in LOSS_TYPES.items()) + " (default 4)")
-    g.add_argument("--margin-s", type=float, default=None, help="scale s")
-    g.add_argument("--margin-m", type=float, default=None,
-                   help="margin m: ArcFace angle (type 4/5), CosFace cosine margin (type 2), atriplet angle (13)")
-    g.add_argument("--margin-a", type=float, default=None, help="angle multiplier a (type 1/5)")
-    g.add_argument("--margin-b", type=float, default=None, help="cosine margin b (type 5)")
-    g.add_argument("--easy-margin", type=_int01, default=None, help="ArcFace easy margin 0|1")
-    g.add_argument("--triplet-alpha", type=float, default=None, help="triplet margin (type 12)")
-    g.add_argument("--center-loss-weight", type=float, default=None, help="add centre loss with this weight")
+    objectives.add_objective_args(parser, g, legacy=True)  # --margin-*, --easy-margin, --triplet-alpha, ...
     for flag in ("--version-se", "--version-input", "--version-output", "--version-unit", "--version-act",
                  "--version-multiplier"):
         g.add_argument(flag, default=None, help="accepted for compatibility; the network registry fixes it")
@@ -166,7 +156,7 @@ def legacy_loss_values(args: argparse.Namespace) -> dict:
         if getattr(args, flag) is not None:
             out[flag] = getattr(args, flag)
     if args.margin_m is not None:
-        key = {"cosface": "margin_b", "atriplet": "triplet_alpha"}.get(name, "margin_m")
+        key = objectives.get_objective(name).legacy_margin_m if name else "margin_m"
         out[key] = args.margin_m
     if args.easy_margin is not None:
         out["easy_margin"] = bool(args.easy_margin)
@@ -193,11 +183,6 @@ def build_parser(description: str, legacy: bool = False, prog: Optional[str] = N
     add_optim_args(parser)
     add_finetune_args(parser)
     add_run_args(parser)
-    from recognition.distill import add_distill_args
-    from recognition.triplet_mining import add_mining_args
-
-    add_mining_args(parser)  # flags owned by the strategy modules
-    add_distill_args(parser)
     return parser
 
 

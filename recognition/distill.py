@@ -20,7 +20,6 @@ jitter are refused.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -31,21 +30,12 @@ import numpy as np
 
 from recognition.common import ToolkitError, atomic_write, load_checkpoint, parse_prefix_epoch
 from recognition.image_iter import FaceImageIter
+from recognition.objectives.base import embedding_output, head_info
+from recognition.objectives.distill import DISTILL_LOSSES
 
 logger = logging.getLogger("recognition")
 
-DISTILL_LOSSES = ("mse", "cosine", "both")
 TEACHER_INPUT = "teacher_emb"
-
-
-def add_distill_args(parser: argparse.ArgumentParser) -> None:
-    """``--teacher --distill-loss --distill-weight --teacher-cache``."""
-    g = parser.add_argument_group("distillation")
-    g.add_argument("--teacher", default=None, help="PREFIX,EPOCH of a teacher whose embedding the student matches")
-    g.add_argument("--distill-loss", choices=DISTILL_LOSSES, default=None, help="mse, cosine or both (default mse)")
-    g.add_argument("--distill-weight", type=float, default=None, help="weight of the distillation term (default 1)")
-    g.add_argument("--teacher-cache", default=None,
-                   help="FILE.npy of teacher embeddings per record (made on first use; disables mirroring)")
 
 
 # ---------------------------------------------------------------------------------------------------- graph
@@ -75,7 +65,7 @@ def distill_loss_symbol(student, teacher, kind: str, weight: float, student_dim:
 def build_distill_symbol(embedding, num_classes: int, loss_cfg, fc7_name: str, dplan):
     """Training symbol with the distillation term: the margin head's outputs + ``distill_loss_output``, or (loss
     ``none``) ``distill_loss_output`` then ``<emb>_emb``. Returns ``(Symbol, info)`` like ``build_train_symbol``."""
-    from recognition.heads import _emb_name, build_train_symbol, infer_emb_size
+    from recognition.heads import build_train_symbol, infer_emb_size
 
     teacher = mx.sym.Variable(TEACHER_INPUT)
     term = distill_loss_symbol(embedding, teacher, dplan.loss, dplan.weight, infer_emb_size(embedding),
@@ -83,8 +73,8 @@ def build_distill_symbol(embedding, num_classes: int, loss_cfg, fc7_name: str, d
     if loss_cfg.loss == "none":
         # the class labels still come with every batch: a BlockGrad output keeps them a (harmless) graph input
         label = mx.sym.BlockGrad(mx.sym.Variable("softmax_label"), name="distill_label")
-        out = mx.sym.Group([term, mx.sym.BlockGrad(embedding, name=_emb_name(embedding)), label])
-        return out, dict(fc7_params=[], metric="loss", outputs=out.list_outputs(), aux_params=[])
+        out = mx.sym.Group([term, embedding_output(embedding), label])
+        return out, head_info(out, "loss")
     head, info = build_train_symbol(embedding, num_classes, loss_cfg, fc7_name)
     out = mx.sym.Group([head[i] for i in range(len(head.list_outputs()))] + [term])
     return out, dict(info, outputs=out.list_outputs())
@@ -219,41 +209,5 @@ class DistillImageIter(FaceImageIter):
                                provide_data=self.provide_data, provide_label=self.provide_label)
 
 
-def plan_distill(cfg, plan) -> Optional[TeacherPlan]:
-    """Check the distillation flags (before any compute); returns None without ``--teacher``. Switches off
-    mirroring in ``cfg`` when a cache is used (logged)."""
-    if not cfg.get("teacher"):
-        given = [f for f in ("distill_loss", "distill_weight", "teacher_cache") if cfg.get(f) is not None]
-        if given:
-            raise ToolkitError(f"--{given[0].replace('_', '-')}: needs --teacher PREFIX,EPOCH")
-        if cfg.loss == "none":
-            raise ToolkitError("--loss none: nothing to train without --teacher PREFIX,EPOCH (pure distillation)")
-        return None
-    weight = 1.0 if cfg.get("distill_weight") is None else float(cfg.distill_weight)
-    if cfg.loss == "none" and weight == 0:
-        raise ToolkitError("--distill-weight 0 with --loss none: nothing to train")
-    cache = cfg.get("teacher_cache")
-    if cache:
-        if not str(cache).endswith(".npy"):
-            raise ToolkitError(f"--teacher-cache {cache}: expected a .npy file name")
-        if cfg.get("data_cutoff") or cfg.get("data_color"):
-            raise ToolkitError("--teacher-cache holds embeddings of un-augmented images: drop --teacher-cache to use "
-                               "cut-off/colour jitter (the teacher then runs on every batch)")
-        if cfg.get("data_rand_mirror"):
-            logger.warning("--teacher-cache holds un-mirrored images: random mirroring is switched off for this run")
-            cfg.data_rand_mirror = False
-    return TeacherPlan(cfg.teacher, cfg.get("distill_loss") or "mse", weight, cache, ctx=plan.ctx[0],
-                       batch_size=min(64, int(cfg.per_batch_size)), data_shape=(3,) + tuple(cfg.image_size))
-
-
-def loss_config(cfg):
-    """``make_loss_config`` for the run, plus ``--loss none`` (no margin head: pure distillation)."""
-    from recognition.heads import LossConfig, make_loss_config
-
-    if cfg.loss == "none":
-        return LossConfig(loss="none")
-    return make_loss_config(cfg.loss, **cfg.loss_kwargs)
-
-
-__all__ = ["DISTILL_LOSSES", "TEACHER_INPUT", "add_distill_args", "distill_loss_symbol", "build_distill_symbol",
-           "TeacherPlan", "load_or_build_cache", "DistillImageIter", "plan_distill", "loss_config"]
+__all__ = ["DISTILL_LOSSES", "TEACHER_INPUT", "distill_loss_symbol", "build_distill_symbol", "TeacherPlan",
+           "load_or_build_cache", "DistillImageIter"]

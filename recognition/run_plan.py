@@ -15,7 +15,8 @@ from easydict import EasyDict as edict
 from recognition import callbacks as cb
 from recognition.args import check_positive
 from recognition.common import ToolkitError, parse_ctx, parse_prefix_epoch
-from recognition.launch import DIST_KVSTORES, check_kvstore
+from recognition.launch import check_kvstore
+from recognition.objectives import prepare_objective
 
 logger = logging.getLogger("recognition")
 
@@ -79,7 +80,6 @@ def prepare_run(cfg) -> edict:
     ``batch_size``, ``max_total`` (last step or None).
     """
     from recognition.freeze import parse_stages
-    from recognition.heads import TRIPLET_LOSSES
     from recognition.rec import read_property
 
     plan = edict()
@@ -88,15 +88,10 @@ def prepare_run(cfg) -> edict:
     check_positive(cfg, ["per_batch_size", "frequent", "verbose", "end_epoch"])
     if cfg.lr is None or cfg.lr < 0:
         raise ToolkitError(f"--lr: must be >= 0, got {cfg.lr}")
-    from recognition.distill import loss_config, plan_distill
-    from recognition.triplet_mining import uses_offline_mining
-
-    plan.loss_cfg = loss_config(cfg)  # make_loss_config, or --loss none (pure distillation)
-    plan.mining = uses_offline_mining(cfg, plan.loss_cfg)
-    if plan.mining and plan.kvstore in DIST_KVSTORES:
-        raise ToolkitError(f"--mining-interval: offline triplet mining runs on one machine; --kvstore {plan.kvstore} "
-                           "is not supported with it")
-    plan.distill = plan_distill(cfg, plan)  # None without --teacher
+    # the loss and its add-ons (offline mining, distillation): every objective flag checked, the teacher loaded
+    plan.objective = prepare_objective(cfg, plan.ctx, plan.kvstore, int(cfg.per_batch_size),
+                                       (3,) + tuple(cfg.image_size))
+    plan.loss_cfg = plan.objective.loss_cfg
     plan.resume = cb.read_resume_state(cfg.resume) if cfg.get("resume") else None
     plan.pretrained = None
     if cfg.get("pretrained") and not plan.resume:
@@ -125,10 +120,7 @@ def prepare_run(cfg) -> edict:
         raise ToolkitError(f"--ckpt {cfg.ckpt}: choose 0, 1, 2 or 3")
     if int(cfg.get("keep") or 0) < 0:
         raise ToolkitError(f"--keep {cfg.keep}: must be >= 0 (0 keeps every checkpoint)")
-    if plan.loss_cfg.loss in TRIPLET_LOSSES and not plan.mining and \
-            cfg.per_batch_size % plan.loss_cfg.images_per_identity:
-        raise ToolkitError(f"--per-batch-size {cfg.per_batch_size}: must be a multiple of images_per_identity "
-                           f"{plan.loss_cfg.images_per_identity} for {plan.loss_cfg.loss}")
+    plan.objective.check_batch(int(cfg.per_batch_size))
     plan.batch_size = int(cfg.per_batch_size) * len(plan.ctx)
     totals = [int(cfg.max_steps)] if cfg.get("max_steps") else []
     if plan.stages[-1].steps is not None:

@@ -20,6 +20,8 @@ from typing import Iterable, Optional
 from easydict import EasyDict as edict
 
 from recognition.common import ToolkitError
+from recognition.objectives import config_sections
+from recognition.objectives.base import LOSS_FIELDS
 
 SECTIONS = ("network", "dataset", "loss")
 
@@ -58,16 +60,9 @@ dataset.retina = edict(dataset_path="../datasets/ms1m-retinaface-t1", num_classe
                        val_targets=["lfw", "cfp_fp", "agedb_30"])
 dataset.synth = edict(dataset_path="data/synth_A", val_targets=["synth_val"])
 
-# Loss sections: fields of recognition.heads.LossConfig, plus training defaults a loss needs.
-loss = edict()
-loss.softmax = edict()
-loss.nsoftmax = edict(margin_s=64.0)
-loss.arcface = edict(margin_s=64.0, margin_m=0.5)
-loss.cosface = edict(margin_s=64.0, margin_b=0.35)
-loss.combined = edict(margin_s=64.0, margin_a=1.0, margin_m=0.3, margin_b=0.2)
-loss.sphereface = edict(margin_s=64.0, margin_a=4.0)
-loss.triplet = edict(images_per_identity=5, triplet_alpha=0.3, per_batch_size=60, lr=0.05)
-loss.atriplet = edict(images_per_identity=5, triplet_alpha=0.35, per_batch_size=60, lr=0.05)
+# Loss sections: every default of each registered objective (LossConfig fields, plus training defaults a loss
+# needs such as the triplet losses' per_batch_size), generated from recognition.objectives: one place per fact.
+loss = edict({_name: edict(_section) for _name, _section in config_sections().items()})
 
 # Flag defaults (insightface default.*).
 default = edict()
@@ -124,10 +119,8 @@ def base_tree() -> edict:
 
 def known_keys(tree: Optional[edict] = None) -> set:
     """Flat keys a run understands: global knobs, flag defaults and every section's keys and LossConfig fields."""
-    from recognition.heads import LossConfig
-
     tree = tree or base_tree()
-    keys = set(tree.config) | set(tree.default) | set(LossConfig.__dataclass_fields__) - {"loss"}
+    keys = set(tree.config) | set(tree.default) | set(LOSS_FIELDS)
     keys |= {"loss", "dataset_path"}
     for sec in SECTIONS:
         for entry in tree[sec].values():
@@ -228,10 +221,8 @@ def resolve_config(cli: dict, config_file: Optional[str] = None, sets: Iterable[
 
     ``cli``: explicit flag values (``None`` = not given). ``base``: a saved flat config to start from (resume),
     which replaces the tree's defaults. Returns the flat config; ``cfg.loss_kwargs`` holds the LossConfig
-    fields for :func:`recognition.heads.make_loss_config`.
+    fields for :func:`recognition.objectives.make_loss_config`.
     """
-    from recognition.heads import LossConfig
-
     tree = base_tree()
     known = known_keys(tree)
     file_flat = _split_overrides(tree, load_config_file(config_file), f"--config {config_file}", known) \
@@ -269,8 +260,7 @@ def resolve_config(cli: dict, config_file: Optional[str] = None, sets: Iterable[
         # would re-create a 128-d checkpoint's embedding layer and throw its training away)
         flat.emb_size = None
     flat.network, flat.dataset, flat.loss = net, ds, loss_name
-    fields = set(LossConfig.__dataclass_fields__) - {"loss"}
-    flat.loss_kwargs = {k: flat[k] for k in fields if k in flat and flat[k] is not None}
+    flat.loss_kwargs = {k: flat[k] for k in LOSS_FIELDS if k in flat and flat[k] is not None}
     return flat
 
 

@@ -27,6 +27,7 @@ from recognition import callbacks as cb
 from recognition.common import ToolkitError, atomic_write, remove_stale_temps, setup_logging, symbol_graph
 from recognition.launch import DIST_KVSTORES, worker_exit_on_error, worker_kvstore
 from recognition.metrics_log import MetricsLog, Window
+from recognition.objectives import DataSpec
 from recognition.run_plan import lr_at, prepare_run, scheduled_lr  # noqa: F401  (lr_at: re-exported)
 
 logger = logging.getLogger("recognition")
@@ -82,8 +83,6 @@ class Trainer:
 
     def _build_graph(self) -> None:
         """Embedding graph + starting parameters (resume state, checkpoint, or none), then the training graph."""
-        from recognition.heads import build_train_symbol
-
         cfg, plan = self.cfg, self.plan
         self.arg_params, self.aux_params = {}, {}
         if plan.resume:
@@ -101,10 +100,7 @@ class Trainer:
                                   emb_size=cfg.get("emb_size"), num_classes=plan.num_classes,
                                   fc7_name=self.fc7_name, reset_fc7=bool(cfg.reset_fc7),
                                   allow_missing=bool(cfg.allow_missing), prelu=cfg.get("prelu") or "bn")
-            if plan.loss_cfg.loss in ("triplet", "atriplet", "none"):  # no classifier to take fc7 into
-                from recognition.triplet_mining import drop_classifier
-
-                drop_classifier(pre, plan.loss_cfg.loss)
+            plan.objective.adapt_pretrained(pre)  # no classifier to take fc7 into: dropped, in the report
             logger.info("load report:\n%s", pre.report.format())
             pre.report.save(plan.run_dir)
             self.embedding_symbol = pre.embedding_symbol
@@ -116,18 +112,8 @@ class Trainer:
 
             self.embedding_symbol = get_symbol(cfg.network, emb_size=cfg.get("emb_size"),
                                                prelu=cfg.get("prelu") or "bn")
-        if plan.get("distill"):
-            from recognition.distill import build_distill_symbol
-
-            self.train_symbol, self.head_info = build_distill_symbol(self.embedding_symbol, plan.num_classes,
-                                                                     plan.loss_cfg, self.fc7_name, plan.distill)
-        elif plan.get("mining"):
-            from recognition.triplet_mining import offline_triplet_symbol
-
-            self.train_symbol, self.head_info = offline_triplet_symbol(self.embedding_symbol, plan.loss_cfg)
-        else:
-            self.train_symbol, self.head_info = build_train_symbol(self.embedding_symbol, plan.num_classes,
-                                                                   plan.loss_cfg, self.fc7_name)
+        self.train_symbol, self.head_info = plan.objective.build_symbol(self.embedding_symbol, plan.num_classes,
+                                                                        self.fc7_name)
         if self.arg_params or self.aux_params:  # prelu='bn': its constant unit states are never loaded, only filled
             from recognition.backbones import fill_unit_aux
 
@@ -144,24 +130,14 @@ class Trainer:
         self.stage_table = stage_table_for(net, self.embedding_symbol.list_arguments())
 
     def _build_data(self) -> None:
-        from recognition.heads import TRIPLET_LOSSES
-        from recognition.image_iter import FaceImageIter
-
+        """The training iterator the objective needs (shuffled images, identity groups, mined triplets, + teacher)."""
         cfg, plan = self.cfg, self.plan
-        if plan.get("mining"):
-            from recognition.triplet_mining import make_mining_iter
-
-            self.data = make_mining_iter(cfg, plan)
-            return
-        ipi = plan.loss_cfg.images_per_identity if plan.loss_cfg.loss in TRIPLET_LOSSES else 0
-        make_iter = plan.distill.make_iter if plan.get("distill") else FaceImageIter  # + teacher_emb labels
-        self.data = make_iter(os.path.join(plan.data_dir, "train.rec"), plan.batch_size,
-                              data_shape=(3,) + tuple(cfg.image_size), shuffle=True,
-                              rand_mirror=bool(cfg.data_rand_mirror), cutoff=int(cfg.data_cutoff or 0),
-                              color_jitter=float(cfg.data_color or 0),
-                              images_filter=int(cfg.data_images_filter or 0),
-                              num_workers=int(cfg.num_workers), seed=int(cfg.seed or 0),
-                              images_per_identity=ipi, num_parts=self.num_workers, part_index=self.rank)
+        spec = DataSpec(os.path.join(plan.data_dir, "train.rec"), plan.batch_size, (3,) + tuple(cfg.image_size),
+                        rand_mirror=bool(cfg.data_rand_mirror), cutoff=int(cfg.data_cutoff or 0),
+                        color_jitter=float(cfg.data_color or 0), images_filter=int(cfg.data_images_filter or 0),
+                        num_workers=int(cfg.num_workers), seed=int(cfg.seed or 0), num_parts=self.num_workers,
+                        part_index=self.rank, num_devices=len(self.ctx))
+        self.data = plan.objective.make_data(spec)
 
     def _restore(self, doc: dict) -> None:
         self.step, self.msave = int(doc["step"]), int(doc["msave"])
@@ -254,6 +230,14 @@ class Trainer:
         self.module.set_params(arg, aux, allow_missing=False, allow_extra=False)
         logger.info("fc7 imprinted from %d class means (%s)", w.shape[0], "x".join(map(str, w.shape)))
 
+    def embedder(self):
+        """Hook: an ``Embedder`` of the current parameters, (N, 3, H, W) float32 -> (N, E) ``fc1_output``."""
+        from recognition.verification import Embedder
+
+        arg, aux = self.module.get_params()
+        return Embedder(self.embedding_symbol, arg, aux, ctx=self.ctx[0],
+                        batch_size=min(64, int(self.cfg.per_batch_size)), data_shape=(3,) + tuple(self.cfg.image_size))
+
     # -- steps ---------------------------------------------------------------------------------------------------
     def _batch_metrics(self, batch):
         """``(loss, acc or None, extra)`` of the forward pass just run (merged over devices)."""
@@ -277,7 +261,7 @@ class Trainer:
         """
         if acc is None or self.head_info["metric"] != "acc" or not self.head_info["outputs"][1].endswith("_emb_output"):
             return None
-        if self.plan.loss_cfg.loss == "softmax":
+        if self.plan.objective.plain_logits:
             return acc
         group = getattr(self.module, "_exec_group", None)  # a model-parallel module has no single fc7 copy
         weight = f"{self.fc7_name}_weight"
@@ -388,10 +372,7 @@ class Trainer:
         if self.opt_states:
             cb.set_optimizer_states(self.module, self.opt_states, names=self.trained)
         self._last_round = (-1, False)
-        if hasattr(self.data, "attach"):  # offline triplet mining embeds its bags with the current model
-            from recognition.triplet_mining import trainer_embedder
-
-            self.data.attach(lambda: trainer_embedder(self), self.metrics)
+        plan.objective.start(self, self.data)  # e.g. offline triplet mining: embeds its bags with self.embedder()
         if not plan.resume:
             self._init_fc7()
             if cfg.eval_pretrained and self.verifier:

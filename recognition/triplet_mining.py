@@ -20,9 +20,7 @@ Usage (refine a classification checkpoint; its ``fc7`` is dropped and the load r
 """
 from __future__ import annotations
 
-import argparse
 import logging
-import os
 import time
 from typing import Callable, Dict, Optional, Tuple
 
@@ -31,24 +29,9 @@ import numpy as np
 
 from recognition.common import ToolkitError
 from recognition.features import decode_image
+from recognition.objectives.base import COS_EPS, embedding_output, head_info
 
 logger = logging.getLogger("recognition")
-
-_COS_EPS = 1e-6
-
-
-# ---------------------------------------------------------------------------------------------------- flags
-def add_mining_args(parser: argparse.ArgumentParser) -> None:
-    """``--mining-interval --bag-identities --images-per-identity`` (and ``--triplet-alpha`` where missing)."""
-    g = parser.add_argument_group("triplet refinement (offline mining)")
-    g.add_argument("--mining-interval", type=int, default=None,
-                   help="triplet losses: re-mine a bag every N steps (0: online mining inside the batch)")
-    g.add_argument("--bag-identities", type=int, default=None, help="identities per mining bag")
-    g.add_argument("--images-per-identity", type=int, default=None,
-                   help="images per identity (mining bag, or online-mining batch groups)")
-    if "--triplet-alpha" not in parser._option_string_actions:
-        g.add_argument("--triplet-alpha", type=float, default=None, help="triplet margin alpha")
-
 
 # ---------------------------------------------------------------------------------------------------- mining
 def pair_distances(emb: np.ndarray, kind: str = "l2") -> np.ndarray:
@@ -57,7 +40,7 @@ def pair_distances(emb: np.ndarray, kind: str = "l2") -> np.ndarray:
     x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
     gram = x @ x.T
     if kind == "angle":
-        return np.arccos(np.clip(gram, -1.0 + _COS_EPS, 1.0 - _COS_EPS))
+        return np.arccos(np.clip(gram, -1.0 + COS_EPS, 1.0 - COS_EPS))
     if kind != "l2":
         raise ToolkitError(f"triplet mining: distance must be 'l2' or 'angle', got {kind!r}")
     return np.maximum(2.0 - 2.0 * gram, 0.0)
@@ -101,32 +84,21 @@ def offline_triplet_symbol(embedding, loss_cfg) -> Tuple[mx.sym.Symbol, dict]:
     ``softmax_label`` (B,) identity ids. Outputs: ``triplet_loss_output`` (1,) MakeLoss of
     ``mean(relu(d(a, p) - d(a, n) + alpha))`` over consistent triplets, and ``<emb>_emb`` BlockGrad (B, E).
     """
-    from recognition.heads import _emb_name
-
     label = mx.sym.Variable("softmax_label")
     nemb = mx.sym.L2Normalization(embedding, mode="instance", name="triplet_nemb")
     a, p, n = mx.sym.split(nemb, num_outputs=3, axis=0)
     la, lp, ln = mx.sym.split(mx.sym.BlockGrad(label), num_outputs=3, axis=0)
     if loss_cfg.loss == "atriplet":
         def dist(u, v):
-            return mx.sym.arccos(mx.sym.clip(mx.sym.sum(u * v, axis=1), -1.0 + _COS_EPS, 1.0 - _COS_EPS))
+            return mx.sym.arccos(mx.sym.clip(mx.sym.sum(u * v, axis=1), -1.0 + COS_EPS, 1.0 - COS_EPS))
     else:
         def dist(u, v):
             return mx.sym.sum(mx.sym.square(u - v), axis=1)
     valid = mx.sym.BlockGrad((la == lp) * (la != ln))
     per = mx.sym.relu(dist(a, p) - dist(a, n) + float(loss_cfg.triplet_alpha)) * valid
     loss = mx.sym.MakeLoss(mx.sym.sum(per) / mx.sym.maximum(mx.sym.sum(valid), 1.0), name="triplet_loss")
-    out = mx.sym.Group([loss, mx.sym.BlockGrad(embedding, name=_emb_name(embedding))])
-    return out, dict(fc7_params=[], metric="loss", outputs=out.list_outputs(), aux_params=[])
-
-
-def drop_classifier(pre, loss: str) -> None:
-    """A loss without a classifier: move a kept ``fc7`` of ``pre`` (``Pretrained``) to the report's dropped list."""
-    for name in list(pre.fc7):
-        src = next((s for n, _, s in pre.report.loaded if n == name), name)
-        pre.report.loaded = [item for item in pre.report.loaded if item[0] != name]
-        pre.report.dropped.append((src, f"--loss {loss} trains no classifier"))
-    pre.fc7 = {}
+    out = mx.sym.Group([loss, embedding_output(embedding)])
+    return out, head_info(out, "loss")
 
 
 # ---------------------------------------------------------------------------------------------------- data
@@ -294,42 +266,4 @@ class OfflineTripletIter(mx.io.DataIter):
         self.reader.close()
 
 
-def make_mining_iter(cfg, plan) -> OfflineTripletIter:
-    """The trainer's iterator for ``--mining-interval N > 0`` (flags -> :class:`OfflineTripletIter`)."""
-    lc = plan.loss_cfg
-    return OfflineTripletIter(os.path.join(plan.data_dir, "train.rec"), plan.batch_size, num_parts=len(plan.ctx),
-                              data_shape=(3,) + tuple(cfg.image_size), bag_identities=int(cfg.bag_identities),
-                              images_per_identity=int(lc.images_per_identity),
-                              mining_interval=int(cfg.mining_interval), alpha=float(lc.triplet_alpha),
-                              kind="angle" if lc.loss == "atriplet" else "l2",
-                              rand_mirror=bool(cfg.data_rand_mirror), seed=int(cfg.seed or 0))
-
-
-def uses_offline_mining(cfg, loss_cfg) -> bool:
-    """True when the run trains a triplet loss on offline-mined bags; raises for --mining-interval without one."""
-    from recognition.heads import TRIPLET_LOSSES
-
-    n = int(cfg.get("mining_interval") or 0)
-    if n < 0:
-        raise ToolkitError(f"--mining-interval: must be >= 0, got {n}")
-    if n and loss_cfg.loss not in TRIPLET_LOSSES:
-        raise ToolkitError(f"--mining-interval {n}: offline mining needs --loss triplet or atriplet, "
-                           f"got {loss_cfg.loss}")
-    if n and cfg.get("teacher"):
-        raise ToolkitError(f"--mining-interval {n} with --teacher: offline triplet batches carry no teacher "
-                           "embeddings; distil first, then refine with triplets (or use --mining-interval 0)")
-    return bool(n)
-
-
-__all__ = ["add_mining_args", "pair_distances", "mine_triplets", "offline_triplet_symbol", "drop_classifier",
-           "OfflineTripletIter", "make_mining_iter", "uses_offline_mining"]
-
-
-def trainer_embedder(trainer) -> Callable:
-    """``embed_factory`` for :meth:`OfflineTripletIter.attach`: an ``Embedder`` of the trainer's current module."""
-    from recognition.verification import Embedder
-
-    arg, aux = trainer.module.get_params()
-    return Embedder(trainer.embedding_symbol, arg, aux, ctx=trainer.ctx[0],
-                    batch_size=min(64, int(trainer.cfg.per_batch_size)),
-                    data_shape=(3,) + tuple(trainer.cfg.image_size))
+__all__ = ["pair_distances", "mine_triplets", "offline_triplet_symbol", "OfflineTripletIter"]

@@ -6,9 +6,16 @@ import numpy as np
 import pytest
 
 from recognition.common import ToolkitError
-from recognition.heads import LOSSES, build_train_symbol, make_loss_config, margin_target_logit, sphere_lambda_at
+from recognition.heads import (
+    CLASSIFICATION_LOSSES,
+    LOSSES,
+    build_train_symbol,
+    make_loss_config,
+    margin_target_logit,
+    sphere_lambda_at,
+)
 
-CLS_LOSSES = ["softmax", "nsoftmax", "arcface", "cosface", "combined", "sphereface"]
+CLS_LOSSES = list(CLASSIFICATION_LOSSES)  # from the objectives registry
 
 
 # ---------------------------------------------------------------- numpy references (independent of heads.py)
