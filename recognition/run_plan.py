@@ -8,15 +8,15 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import List
-
-from easydict import EasyDict as edict
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any, List, Mapping, Optional, Tuple
 
 from recognition import callbacks as cb
 from recognition.args import check_positive
 from recognition.common import ToolkitError, parse_ctx, parse_prefix_epoch
 from recognition.launch import check_kvstore
-from recognition.objectives import prepare_objective
+from recognition.objectives import RunObjective, prepare_objective
 
 logger = logging.getLogger("recognition")
 
@@ -72,46 +72,132 @@ def _resolve_targets(cfg, data_dir: str) -> List[str]:
     return paths
 
 
-def prepare_run(cfg) -> edict:
-    """Validate ``cfg`` (flat config from :func:`recognition.train_config.resolve_config`) before any compute.
+@dataclass(frozen=True)
+class RunPlan:
+    """One training run, settled and checked by :func:`prepare_run` before any compute: every value the trainer
+    reads, typed, with its default applied here once. Frozen: nothing downstream changes it.
 
-    Returns a plan: ``ctx``, ``data_dir``, ``num_classes``, ``targets``, ``pretrained`` (``PREFIX,EPOCH`` or
-    None), ``resume`` (state dict or None), ``stages``, ``lr_steps``, ``loss_cfg``, ``prefix``, ``run_dir``,
-    ``batch_size``, ``max_total`` (last step or None).
+    ``config`` is the flat configuration it was made from (saved as ``config.json`` and in the resume state).
+    ``resume``: the parsed ``state.json`` (or None); ``pretrained``: ``PREFIX,EPOCH`` (or None); ``stages``: the
+    stage schedule; ``max_total``: the last step (None: ``end_epoch`` decides); ``batch_size``: per-batch-size x
+    devices.
     """
+
+    config: Mapping[str, Any]
+    ctx: Tuple[Any, ...]
+    kvstore: str
+    objective: RunObjective
+    resume: Optional[dict]
+    pretrained: Optional[str]
+    data_dir: str
+    num_classes: int
+    targets: Tuple[str, ...]
+    stages: Tuple[Any, ...]
+    lr_steps: Tuple[int, ...]
+    batch_size: int
+    max_total: Optional[int]
+    prefix: str
+    run_dir: str
+    # model
+    network: str
+    network_explicit: bool
+    emb_size: Optional[int]
+    prelu: str
+    image_size: Tuple[int, int]
+    # optimisation and schedule
+    per_batch_size: int
+    lr: float
+    wd: float
+    mom: float
+    warmup_steps: int
+    stage_warmup: int
+    end_epoch: int
+    fc7_lr_mult: float
+    fc7_wd_mult: float
+    backbone_lr_mult: float
+    bn_wd: bool
+    # fine-tuning
+    fc7_name: str
+    reset_fc7: bool
+    allow_missing: bool
+    fc7_init: str
+    frozen_stages: int
+    bn_mode: str
+    eval_pretrained: bool
+    # data
+    data_rand_mirror: bool
+    data_cutoff: int
+    data_color: float
+    data_images_filter: int
+    num_workers: int
+    seed: int
+    # logging, checkpoints
+    frequent: int
+    verbose: int
+    ckpt: int
+    ckpt_embedding: bool
+    keep: int
+    sample_ratio: float = 1.0
+
+    @property
+    def loss_cfg(self):
+        """The objective's :class:`recognition.objectives.base.LossConfig`."""
+        return self.objective.loss_cfg
+
+    @property
+    def loss(self) -> str:
+        return self.objective.name
+
+    @property
+    def data_shape(self) -> Tuple[int, int, int]:
+        """(3, H, W) of one training image."""
+        return (3,) + self.image_size
+
+    @property
+    def graph_network(self) -> Optional[str]:
+        """The network whose registry graph (and stage table) the run uses: ``--network`` when given or when the
+        run starts from scratch; None when the graph comes from a checkpoint or a resume state."""
+        return self.network if (self.network_explicit or not (self.pretrained or self.resume)) else None
+
+    def lr_at_step(self, step: int) -> float:
+        """The scheduled lr of update ``step`` (0-based): :func:`scheduled_lr`."""
+        return scheduled_lr(step, self, self)
+
+
+def prepare_run(cfg) -> RunPlan:
+    """Validate ``cfg`` (flat config from :func:`recognition.train_config.resolve_config`) before any compute and
+    return the run's :class:`RunPlan` (every flag, file and device checked)."""
     from recognition.freeze import parse_stages
     from recognition.rec import read_property
 
-    plan = edict()
-    plan.ctx = parse_ctx(cfg.get("ctx"))
-    plan.kvstore = check_kvstore(cfg.get("kvstore") or "device")
+    ctx = tuple(parse_ctx(cfg.get("ctx")))
+    kvstore = check_kvstore(cfg.get("kvstore") or "device")
     check_positive(cfg, ["per_batch_size", "frequent", "verbose", "end_epoch"])
     if cfg.lr is None or cfg.lr < 0:
         raise ToolkitError(f"--lr: must be >= 0, got {cfg.lr}")
+    image_size = tuple(int(v) for v in cfg.image_size)
     # the loss and its add-ons (offline mining, distillation): every objective flag checked, the teacher loaded
-    plan.objective = prepare_objective(cfg, plan.ctx, plan.kvstore, int(cfg.per_batch_size),
-                                       (3,) + tuple(cfg.image_size))
-    plan.loss_cfg = plan.objective.loss_cfg
-    plan.resume = cb.read_resume_state(cfg.resume) if cfg.get("resume") else None
-    plan.pretrained = None
-    if cfg.get("pretrained") and not plan.resume:
+    objective = prepare_objective(cfg, ctx, kvstore, int(cfg.per_batch_size), (3,) + image_size)
+    resume = cb.read_resume_state(cfg.resume) if cfg.get("resume") else None
+    pretrained = None
+    if cfg.get("pretrained") and not resume:
         spec = str(cfg.pretrained)
         if "," not in spec and not spec.endswith(".params") and cfg.get("pretrained_epoch") is not None:
             spec = f"{spec},{int(cfg.pretrained_epoch)}"
         prefix, epoch = parse_prefix_epoch(spec, "--pretrained")
-        plan.pretrained = f"{prefix},{epoch}"
-    if not plan.pretrained and not plan.resume:
+        pretrained = f"{prefix},{epoch}"
+    if not pretrained and not resume:
         from recognition.backbones import default_emb_size
 
         default_emb_size(cfg.network)  # unknown network: one line listing the valid names
-    plan.data_dir = _resolve_data_dir(cfg)
-    plan.num_classes = int(read_property(plan.data_dir)[0])
-    if cfg.get("num_classes") and int(cfg.num_classes) != plan.num_classes:
+    data_dir = _resolve_data_dir(cfg)
+    num_classes = int(read_property(data_dir)[0])
+    if cfg.get("num_classes") and int(cfg.num_classes) != num_classes:
         raise ToolkitError(f"--dataset {cfg.dataset}: the configuration says num_classes={cfg.num_classes} but "
-                           f"{os.path.join(plan.data_dir, 'property')} says {plan.num_classes}")
-    plan.targets = _resolve_targets(cfg, plan.data_dir)
-    plan.stages = parse_stages(int(cfg.get("freeze_steps") or 0), cfg.get("stages"), cfg.get("head_lr_mult"))
-    plan.lr_steps = _parse_lr_steps(cfg.lr_steps)
+                           f"{os.path.join(data_dir, 'property')} says {num_classes}")
+    targets = _resolve_targets(cfg, data_dir)
+    stages = parse_stages(int(cfg.get("freeze_steps") or 0), cfg.get("stages"), cfg.get("head_lr_mult"))
+    lr_steps = _parse_lr_steps(cfg.lr_steps)
     if int(cfg.get("stage_warmup") or 0) < 0:
         raise ToolkitError(f"--stage-warmup {cfg.stage_warmup}: must be >= 0")
     if cfg.fc7_init not in ("random", "imprint"):
@@ -120,21 +206,37 @@ def prepare_run(cfg) -> edict:
         raise ToolkitError(f"--ckpt {cfg.ckpt}: choose 0, 1, 2 or 3")
     if int(cfg.get("keep") or 0) < 0:
         raise ToolkitError(f"--keep {cfg.keep}: must be >= 0 (0 keeps every checkpoint)")
-    plan.objective.check_batch(int(cfg.per_batch_size))
-    plan.batch_size = int(cfg.per_batch_size) * len(plan.ctx)
+    objective.check_batch(int(cfg.per_batch_size))
     totals = [int(cfg.max_steps)] if cfg.get("max_steps") else []
-    if plan.stages[-1].steps is not None:
-        totals.append(sum(s.steps for s in plan.stages))
-    plan.max_total = min(totals) if totals else None
+    if stages[-1].steps is not None:
+        totals.append(sum(s.steps for s in stages))
     if cfg.get("prefix"):
-        plan.prefix = cfg.prefix
+        prefix = cfg.prefix
     else:
-        net = cfg.network if (cfg.get("network_explicit") or not plan.pretrained) else \
-            os.path.basename(os.path.dirname(os.path.abspath(plan.pretrained.rpartition(",")[0]))) or "pretrained"
+        net = cfg.network if (cfg.get("network_explicit") or not pretrained) else \
+            os.path.basename(os.path.dirname(os.path.abspath(pretrained.rpartition(",")[0]))) or "pretrained"
         ds = os.path.basename(os.path.normpath(str(cfg.dataset))) if cfg.dataset else "data"
-        plan.prefix = os.path.join(cfg.models_root, f"{net}-{cfg.loss}-{ds}", "model")
-    plan.run_dir = os.path.dirname(os.path.abspath(plan.prefix))
-    return plan
+        prefix = os.path.join(cfg.models_root, f"{net}-{cfg.loss}-{ds}", "model")
+    return RunPlan(
+        config=MappingProxyType(dict(cfg)), ctx=ctx, kvstore=kvstore, objective=objective, resume=resume,
+        pretrained=pretrained, data_dir=data_dir, num_classes=num_classes, targets=tuple(targets),
+        stages=tuple(stages), lr_steps=tuple(lr_steps), batch_size=int(cfg.per_batch_size) * len(ctx),
+        max_total=min(totals) if totals else None, prefix=prefix, run_dir=os.path.dirname(os.path.abspath(prefix)),
+        network=cfg.network, network_explicit=bool(cfg.get("network_explicit")),
+        emb_size=None if cfg.get("emb_size") is None else int(cfg.emb_size), prelu=cfg.get("prelu") or "bn",
+        image_size=image_size, per_batch_size=int(cfg.per_batch_size), lr=float(cfg.lr), wd=float(cfg.wd),
+        mom=float(cfg.mom), warmup_steps=int(cfg.get("warmup_steps") or 0),
+        stage_warmup=int(cfg.get("stage_warmup") or 0), end_epoch=int(cfg.end_epoch),
+        fc7_lr_mult=float(cfg.fc7_lr_mult), fc7_wd_mult=float(cfg.fc7_wd_mult),
+        backbone_lr_mult=float(cfg.backbone_lr_mult), bn_wd=bool(cfg.get("bn_wd")), fc7_name=cfg.fc7_name,
+        reset_fc7=bool(cfg.get("reset_fc7")), allow_missing=bool(cfg.get("allow_missing")), fc7_init=cfg.fc7_init,
+        frozen_stages=int(cfg.get("frozen_stages") or 0), bn_mode=cfg.get("bn_mode") or "train",
+        eval_pretrained=bool(cfg.get("eval_pretrained")), data_rand_mirror=bool(cfg.get("data_rand_mirror")),
+        data_cutoff=int(cfg.get("data_cutoff") or 0), data_color=float(cfg.get("data_color") or 0),
+        data_images_filter=int(cfg.get("data_images_filter") or 0), num_workers=int(cfg.num_workers),
+        seed=int(cfg.get("seed") or 0), frequent=int(cfg.frequent), verbose=int(cfg.verbose), ckpt=int(cfg.ckpt),
+        ckpt_embedding=bool(int(cfg.ckpt_embedding)), keep=int(cfg.get("keep") or 0),
+        sample_ratio=float(cfg.get("sample_ratio") or 1.0))
 
 
 def lr_at(step: int, base_lr: float, lr_steps: List[int], warmup_steps: int = 0) -> float:
@@ -154,13 +256,15 @@ def scheduled_lr(step: int, cfg, plan) -> float:
     demo's fine-tune the loss rose from ~6 to ~9 and B_val dipped 0.7475 -> 0.695 ten steps later). Measured with
     ``--stage-warmup 40`` on that run: no dip ten steps in (0.76), but a dip when the ramp reaches the full lr
     (0.7375 at step 80) and the same end result within fold noise (0.8125 vs 0.82): the size of the lr, not its
-    jump, is what costs there. A pure function of the step and the saved configuration (resume-exact).
+    jump, is what costs there. A pure function of the step and the saved configuration (resume-exact). ``cfg``
+    gives ``lr``, ``warmup_steps``, ``stage_warmup``; ``plan`` ``stages`` and ``lr_steps`` (a :class:`RunPlan` is
+    both: :meth:`RunPlan.lr_at_step`).
     """
     from recognition.freeze import stage_at
 
     idx, stage = stage_at(plan.stages, step)
     lr = stage.lr_mult * lr_at(step, float(cfg.lr), plan.lr_steps, int(cfg.warmup_steps or 0))
-    ramp = int(cfg.get("stage_warmup") or 0)
+    ramp = int(cfg.stage_warmup or 0)
     if ramp and idx > 0:
         into = step - sum(s.steps for s in plan.stages[:idx])
         if into < ramp:
@@ -168,4 +272,4 @@ def scheduled_lr(step: int, cfg, plan) -> float:
     return lr
 
 
-__all__ = ["prepare_run", "lr_at", "scheduled_lr"]
+__all__ = ["RunPlan", "prepare_run", "lr_at", "scheduled_lr"]

@@ -76,29 +76,29 @@ class ParallelTrainer(Trainer):
     def _make_module(self, stage_idx: int, arg: dict, aux: dict):
         from recognition.freeze import freeze_batchnorm, param_multipliers, stage_plan
 
-        cfg, plan = self.cfg, self.plan
+        plan = self.plan
         stage = plan.stages[stage_idx]
-        fixed, frozen_bn = stage_plan(self.embedding_symbol, stage, self.stage_table, int(cfg.frozen_stages or 0),
-                                      self.fc7_name, cfg.bn_mode)
+        fixed, frozen_bn = stage_plan(self.embedding_symbol, stage, self.stage_table, plan.frozen_stages,
+                                      self.fc7_name, plan.bn_mode)
         embedding = freeze_batchnorm(self.embedding_symbol, frozen_bn)
-        ratio = float(cfg.get("sample_ratio") or 1.0)
+        ratio = plan.sample_ratio
         pmod = _resumable_class()(embedding, plan.num_classes, plan.loss_cfg, self.ctx, plan.batch_size,
-                                  data_shape=(3,) + tuple(cfg.image_size), sample_ratio=ratio,
-                                  fc7_name=self.fc7_name, fixed_param_names=fixed, seed=int(cfg.seed or 0))
+                                  data_shape=plan.data_shape, sample_ratio=ratio,
+                                  fc7_name=self.fc7_name, fixed_param_names=fixed, seed=plan.seed)
         arg, aux = self._complete_params(arg, aux)
         fc7 = {k: v for k, v in arg.items() if k in pmod.fc.param_names}
         pmod.init_params(arg_params=arg or None, aux_params=aux or None, fc7=fc7 or None,
-                         seed=int(cfg.seed or 0))
-        opt = mx.optimizer.SGD(learning_rate=cfg.lr, momentum=cfg.mom, wd=cfg.wd, rescale_grad=1.0)
+                         seed=plan.seed)
+        opt = mx.optimizer.SGD(learning_rate=plan.lr, momentum=plan.mom, wd=plan.wd, rescale_grad=1.0)
         wanted = [n for n in embedding.list_arguments() if n != "data"]
-        lr_mult, wd_mult = param_multipliers(wanted, self.fc7_name, float(cfg.fc7_lr_mult), float(cfg.fc7_wd_mult),
-                                             float(cfg.backbone_lr_mult), bool(cfg.bn_wd),
+        lr_mult, wd_mult = param_multipliers(wanted, self.fc7_name, plan.fc7_lr_mult, plan.fc7_wd_mult,
+                                             plan.backbone_lr_mult, plan.bn_wd,
                                              attr_dict=embedding.attr_dict())
         opt.set_lr_mult(lr_mult)
         opt.set_wd_mult(wd_mult)
         # fc7 shards: lr/wd multipliers come from loss_cfg (the shard graphs carry them as attributes)
-        pmod.init_optimizer(kvstore=cfg.kvstore or "device", optimizer=opt,
-                            fc7_optimizer_params=dict(learning_rate=cfg.lr, momentum=cfg.mom, wd=cfg.wd))
+        pmod.init_optimizer(kvstore=plan.kvstore, optimizer=opt,
+                            fc7_optimizer_params=dict(learning_rate=plan.lr, momentum=plan.mom, wd=plan.wd))
         self.trained = (set(wanted) - set(fixed)) | set(pmod.fc.param_names)
         if self.opt_states:  # resume: install once; the trainer's own hook expects a Module
             _set_states(pmod, self.opt_states, self.trained)
@@ -116,7 +116,7 @@ class ParallelTrainer(Trainer):
         names = [n for n in self.train_symbol.list_arguments() if n not in ("data", "softmax_label")]
         if all(n in arg for n in names) and all(n in aux for n in self.train_symbol.list_auxiliary_states()):
             return arg, aux
-        shape = (self.plan.batch_size, 3) + tuple(self.cfg.image_size)
+        shape = (self.plan.batch_size, 3) + self.plan.image_size
         mod = mx.mod.Module(self.train_symbol, data_names=["data"], label_names=["softmax_label"],
                             context=mx.cpu())
         mod.bind(data_shapes=[("data", shape)], label_shapes=[("softmax_label", shape[:1])], for_training=False)

@@ -28,7 +28,7 @@ from recognition.common import ToolkitError, atomic_write, remove_stale_temps, s
 from recognition.launch import DIST_KVSTORES, worker_exit_on_error, worker_kvstore
 from recognition.metrics_log import MetricsLog, Window
 from recognition.objectives import DataSpec
-from recognition.run_plan import lr_at, prepare_run, scheduled_lr  # noqa: F401  (lr_at: re-exported)
+from recognition.run_plan import RunPlan, lr_at, prepare_run  # noqa: F401  (re-exported)
 
 logger = logging.getLogger("recognition")
 
@@ -39,40 +39,49 @@ def _has_random_ops(symbol) -> bool:
 
 
 class Trainer:
-    """One training run: ``Trainer(cfg, plan).fit() -> dict`` (final results, checkpoint path)."""
+    """One training run: ``Trainer(cfg, plan).fit() -> dict`` (final results, checkpoint path).
+
+    Reads every setting from ``plan`` (:class:`recognition.run_plan.RunPlan`, never changed); ``cfg`` is the flat
+    configuration it was made from (kept as ``self.cfg`` for callers; ``plan.config`` is what is saved).
+
+    Hooks for subclasses (``train_parall.py``): :meth:`_make_module` (the module of a stage and its optimizer
+    handle: anything with ``forward_backward``/``update``/``get_params``/``set_params``/``get_outputs``),
+    :meth:`optimizer_states`/:meth:`load_optimizer_states` (``{param_name: state}`` of that module) and
+    :meth:`_batch_metrics`; :meth:`embedder` gives an embedder of the current parameters.
+    """
 
     def __init__(self, cfg, plan):
         self.cfg, self.plan = cfg, plan
         self.ctx = plan.ctx
-        self.fc7_name = cfg.fc7_name
+        self.fc7_name = plan.fc7_name
         self.kv = worker_kvstore(plan.kvstore) if plan.kvstore in DIST_KVSTORES else None
         self.rank, self.num_workers = (self.kv.rank, self.kv.num_workers) if self.kv else (0, 1)
-        if self.rank > 0:  # rank 0 verifies and writes checkpoints/resume state; others log to their own folder
-            plan.run_dir = os.path.join(plan.run_dir, f"worker{self.rank}")
-        os.makedirs(plan.run_dir, exist_ok=True)
-        setup_logging(log_file=os.path.join(plan.run_dir, "train.log"))
+        # rank 0 verifies and writes checkpoints/resume state; the others log to their own folder
+        self.run_dir = plan.run_dir if self.rank == 0 else os.path.join(plan.run_dir, f"worker{self.rank}")
+        os.makedirs(self.run_dir, exist_ok=True)
+        setup_logging(log_file=os.path.join(self.run_dir, "train.log"))
         # a killed run leaves .NAME.XXXX.tmp files (never real names: those only appear by rename); drop them
-        stale = remove_stale_temps(plan.run_dir) + remove_stale_temps(os.path.join(plan.run_dir, "resume"))
+        stale = remove_stale_temps(self.run_dir) + remove_stale_temps(os.path.join(self.run_dir, "resume"))
         if stale:
             logger.warning("removed %d unfinished temporary file(s) of an interrupted run: %s", len(stale),
                            ", ".join(stale[:4]) + (" ..." if len(stale) > 4 else ""))
-        self.metrics = MetricsLog(os.path.join(plan.run_dir, "metrics.jsonl"))
-        self.curves = os.path.join(plan.run_dir, "curves.png")
-        self.policy = cb.CheckpointPolicy(int(cfg.ckpt))
+        self.metrics = MetricsLog(os.path.join(self.run_dir, "metrics.jsonl"))
+        self.curves = os.path.join(self.run_dir, "curves.png")
+        self.policy = cb.CheckpointPolicy(plan.ckpt)
         self.step, self.msave, self.stage_idx = 0, 0, 0
         self.last_ckpt: Optional[str] = None
         self.before: Dict[str, float] = {}
         self.opt_states = None
         self._broadcast = False
-        self._seed(int(cfg.seed or 0), 0)
+        self._seed(plan.seed, 0)
         self._build_graph()
         self._build_data()
         self.verifier = cb.Verifier(plan.targets if self.rank == 0 else [], self.ctx[0],
-                                    batch_size=min(64, int(cfg.per_batch_size)), image_size=tuple(cfg.image_size))
+                                    batch_size=min(64, plan.per_batch_size), image_size=plan.image_size)
         if plan.resume:
             self._restore(plan.resume)
-        with atomic_write(os.path.join(plan.run_dir, "config.json"), "w") as f:
-            json.dump({k: v for k, v in cfg.items()}, f, indent=1, sort_keys=True, default=str)
+        with atomic_write(os.path.join(self.run_dir, "config.json"), "w") as f:
+            json.dump(dict(plan.config), f, indent=1, sort_keys=True, default=str)
 
     # -- setup ---------------------------------------------------------------------------------------------------
     @staticmethod
@@ -83,7 +92,7 @@ class Trainer:
 
     def _build_graph(self) -> None:
         """Embedding graph + starting parameters (resume state, checkpoint, or none), then the training graph."""
-        cfg, plan = self.cfg, self.plan
+        plan = self.plan
         self.arg_params, self.aux_params = {}, {}
         if plan.resume:
             self.embedding_symbol, self.arg_params, self.aux_params, self.opt_states = \
@@ -91,18 +100,18 @@ class Trainer:
             from recognition.backbones import convert_prelu
 
             # a stock graph (older resume state) trains in the configured formulation, not the slow one
-            self.embedding_symbol = convert_prelu(self.embedding_symbol, cfg.get("prelu") or "bn",
-                                                  (1, 3) + tuple(cfg.image_size))
+            self.embedding_symbol = convert_prelu(self.embedding_symbol, plan.prelu,
+                                                  (1,) + plan.data_shape)
         elif plan.pretrained:
             from recognition.pretrained import load_pretrained
 
-            pre = load_pretrained(plan.pretrained, network=cfg.network if cfg.get("network_explicit") else None,
-                                  emb_size=cfg.get("emb_size"), num_classes=plan.num_classes,
-                                  fc7_name=self.fc7_name, reset_fc7=bool(cfg.reset_fc7),
-                                  allow_missing=bool(cfg.allow_missing), prelu=cfg.get("prelu") or "bn")
+            pre = load_pretrained(plan.pretrained, network=plan.network if plan.network_explicit else None,
+                                  emb_size=plan.emb_size, num_classes=plan.num_classes,
+                                  fc7_name=self.fc7_name, reset_fc7=plan.reset_fc7,
+                                  allow_missing=plan.allow_missing, prelu=plan.prelu)
             plan.objective.adapt_pretrained(pre)  # no classifier to take fc7 into: dropped, in the report
             logger.info("load report:\n%s", pre.report.format())
-            pre.report.save(plan.run_dir)
+            pre.report.save(self.run_dir)
             self.embedding_symbol = pre.embedding_symbol
             self.arg_params = dict(pre.arg_params)
             self.arg_params.update(pre.fc7)
@@ -110,8 +119,8 @@ class Trainer:
         else:
             from recognition.backbones import get_symbol
 
-            self.embedding_symbol = get_symbol(cfg.network, emb_size=cfg.get("emb_size"),
-                                               prelu=cfg.get("prelu") or "bn")
+            self.embedding_symbol = get_symbol(plan.network, emb_size=plan.emb_size,
+                                               prelu=plan.prelu)
         self.train_symbol, self.head_info = plan.objective.build_symbol(self.embedding_symbol, plan.num_classes,
                                                                         self.fc7_name)
         if self.arg_params or self.aux_params:  # prelu='bn': its constant unit states are never loaded, only filled
@@ -122,20 +131,19 @@ class Trainer:
 
         layers = count_prelu(self.embedding_symbol)
         if layers["bn"] or layers["stock"]:
-            logger.info("PReLU layers: %d bn, %d stock (prelu=%s)", layers["bn"], layers["stock"], cfg.get("prelu"))
+            logger.info("PReLU layers: %d bn, %d stock (prelu=%s)", layers["bn"], layers["stock"], plan.prelu)
         self._random_graph = _has_random_ops(self.train_symbol)
         from recognition.freeze import stage_table_for
 
-        net = cfg.network if (cfg.get("network_explicit") or not (plan.pretrained or plan.resume)) else None
-        self.stage_table = stage_table_for(net, self.embedding_symbol.list_arguments())
+        self.stage_table = stage_table_for(plan.graph_network, self.embedding_symbol.list_arguments())
 
     def _build_data(self) -> None:
         """The training iterator the objective needs (shuffled images, identity groups, mined triplets, + teacher)."""
-        cfg, plan = self.cfg, self.plan
-        spec = DataSpec(os.path.join(plan.data_dir, "train.rec"), plan.batch_size, (3,) + tuple(cfg.image_size),
-                        rand_mirror=bool(cfg.data_rand_mirror), cutoff=int(cfg.data_cutoff or 0),
-                        color_jitter=float(cfg.data_color or 0), images_filter=int(cfg.data_images_filter or 0),
-                        num_workers=int(cfg.num_workers), seed=int(cfg.seed or 0), num_parts=self.num_workers,
+        plan = self.plan
+        spec = DataSpec(os.path.join(plan.data_dir, "train.rec"), plan.batch_size, plan.data_shape,
+                        rand_mirror=plan.data_rand_mirror, cutoff=plan.data_cutoff, color_jitter=plan.data_color,
+                        images_filter=plan.data_images_filter,
+                        num_workers=plan.num_workers, seed=plan.seed, num_parts=self.num_workers,
                         part_index=self.rank, num_devices=len(self.ctx))
         self.data = plan.objective.make_data(spec)
 
@@ -145,7 +153,7 @@ class Trainer:
         self.policy.saved_best = bool(doc["saved_best"])
         self.last_ckpt, self.before = doc.get("last_ckpt"), doc.get("before", {})
         self.data.set_state(doc["iter_state"])
-        self._seed(int(self.cfg.seed or 0), self.step)
+        self._seed(self.plan.seed, self.step)
         cb.set_rng_state(doc["rng"])
         self.metrics.truncate_after(self.step)
         logger.info("resumed %s at step %d (epoch %d)", doc["dir"], self.step, doc["iter_state"]["epoch"])
@@ -154,10 +162,10 @@ class Trainer:
         """Bind a Module for stage ``stage_idx``: its fixed parameters, frozen BatchNorms and multipliers."""
         from recognition.freeze import param_multipliers, stage_plan, stage_symbol
 
-        cfg = self.cfg
+        plan = self.plan
         stage = self.plan.stages[stage_idx]
-        fixed, frozen_bn = stage_plan(self.train_symbol, stage, self.stage_table, int(cfg.frozen_stages or 0),
-                                      self.fc7_name, cfg.bn_mode)
+        fixed, frozen_bn = stage_plan(self.train_symbol, stage, self.stage_table, plan.frozen_stages,
+                                      self.fc7_name, plan.bn_mode)
         symbol = stage_symbol(self.train_symbol, stage, frozen_bn)  # + no Dropout in 'head' (freeze.py)
         inputs = ["data"] + [d.name for d in self.data.provide_label]  # softmax_label (+ teacher_emb)
         mod = mx.mod.Module(symbol, data_names=["data"], label_names=inputs[1:], context=self.ctx,
@@ -172,7 +180,7 @@ class Trainer:
         mod.init_params(init, arg_params=arg or None, aux_params=aux or None, allow_missing=True, allow_extra=True)
         # SoftmaxOutput(normalization='valid') already averages per device; the kvstore sums devices (and, with
         # dist_sync, workers): the update is that of one process with the global batch
-        opt = mx.optimizer.SGD(learning_rate=cfg.lr, momentum=cfg.mom, wd=cfg.wd,
+        opt = mx.optimizer.SGD(learning_rate=plan.lr, momentum=plan.mom, wd=plan.wd,
                                rescale_grad=1.0 / (len(self.ctx) * self.num_workers))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Module warns that rescale_grad differs from 1/batch (intended)
@@ -186,8 +194,8 @@ class Trainer:
             self._broadcast = True
         # graph attributes count once: fc7's own lr/wd attrs are the fc7 flags themselves
         attrs = {k: v for k, v in self.train_symbol.attr_dict().items() if k not in self.head_info["fc7_params"]}
-        lr_mult, wd_mult = param_multipliers(wanted, self.fc7_name, float(cfg.fc7_lr_mult), float(cfg.fc7_wd_mult),
-                                             float(cfg.backbone_lr_mult), bool(cfg.bn_wd), attr_dict=attrs)
+        lr_mult, wd_mult = param_multipliers(wanted, self.fc7_name, plan.fc7_lr_mult, plan.fc7_wd_mult,
+                                             plan.backbone_lr_mult, plan.bn_wd, attr_dict=attrs)
         opt.set_lr_mult(lr_mult)
         opt.set_wd_mult(wd_mult)
         self.trained = set(wanted) - set(fixed)
@@ -208,21 +216,21 @@ class Trainer:
     def _init_fc7(self) -> None:
         """``--fc7-init imprint``: fc7 rows = normalised class means of the starting backbone's embeddings."""
         weight = f"{self.fc7_name}_weight"
-        if self.cfg.fc7_init != "imprint" or weight in self.arg_params or weight not in self.head_info["fc7_params"]:
+        if self.plan.fc7_init != "imprint" or weight in self.arg_params or weight not in self.head_info["fc7_params"]:
             return
         from recognition.image_iter import FaceImageIter
         from recognition.pretrained import imprint_fc7
         from recognition.verification import Embedder
 
         arg, aux = cb.synced_params(self.module)
-        embed = Embedder(self.embedding_symbol, arg, aux, ctx=self.ctx[0], batch_size=self.cfg.per_batch_size,
-                         data_shape=(3,) + tuple(self.cfg.image_size))
+        embed = Embedder(self.embedding_symbol, arg, aux, ctx=self.ctx[0], batch_size=self.plan.per_batch_size,
+                         data_shape=self.plan.data_shape)
         rec = os.path.join(self.plan.data_dir, "train.rec")
         # the iterator drops a last partial batch: pick a batch size dividing the image count so every image counts
         n = self.data.num_images
         bs = max(b for b in range(1, min(n, 64) + 1) if n % b == 0)
-        it = FaceImageIter(rec, bs, data_shape=(3,) + tuple(self.cfg.image_size), shuffle=False, rand_mirror=False,
-                           num_workers=int(self.cfg.num_workers), seed=0)
+        it = FaceImageIter(rec, bs, data_shape=self.plan.data_shape, shuffle=False, rand_mirror=False,
+                           num_workers=self.plan.num_workers, seed=0)
         w = imprint_fc7(embed, it, self.plan.num_classes)
         it.close()
         arg = dict(arg)
@@ -236,7 +244,7 @@ class Trainer:
 
         arg, aux = self.module.get_params()
         return Embedder(self.embedding_symbol, arg, aux, ctx=self.ctx[0],
-                        batch_size=min(64, int(self.cfg.per_batch_size)), data_shape=(3,) + tuple(self.cfg.image_size))
+                        batch_size=min(64, self.plan.per_batch_size), data_shape=self.plan.data_shape)
 
     # -- steps ---------------------------------------------------------------------------------------------------
     def _batch_metrics(self, batch):
@@ -284,21 +292,21 @@ class Trainer:
         return results
 
     def _meta(self) -> dict:
-        return dict(fc7_name=self.fc7_name, num_classes=self.plan.num_classes, loss=self.cfg.loss,
-                    network=self.cfg.network, emb_size=int(self.embedding_symbol.infer_shape(
-                        data=(1, 3) + tuple(self.cfg.image_size))[1][0][1]))
+        return dict(fc7_name=self.fc7_name, num_classes=self.plan.num_classes, loss=self.plan.loss,
+                    network=self.plan.network, emb_size=int(self.embedding_symbol.infer_shape(
+                        data=(1,) + self.plan.data_shape)[1][0][1]))
 
     def _save(self, epoch: int) -> Optional[str]:
         if self.rank > 0:
             return None
         try:
             path = cb.save_model(self.plan.prefix, epoch, self.module, self.train_symbol, self.embedding_symbol,
-                                 slim=bool(int(self.cfg.ckpt_embedding)), meta=self._meta())
+                                 slim=self.plan.ckpt_embedding, meta=self._meta())
         except ToolkitError as exc:  # disk full / unwritable: earlier checkpoints are untouched (atomic writes)
             raise ToolkitError(f"{exc}; last good checkpoint: {self.last_ckpt or 'none saved yet'}") from None
         self.last_ckpt = path
-        keep = int(self.cfg.get("keep") or 0)
-        for old in cb.prune_checkpoints(self.plan.prefix, keep, protect=(1,) if int(self.cfg.ckpt) == 3 else ()):
+        keep = self.plan.keep
+        for old in cb.prune_checkpoints(self.plan.prefix, keep, protect=(1,) if self.plan.ckpt == 3 else ()):
             logger.info("removed %s (--keep %d)", old, keep)
         self.metrics.write("checkpoint", step=self.step, epoch=epoch, path=path)
         logger.info("saved %s", path)
@@ -326,11 +334,11 @@ class Trainer:
             return
         state = dict(msave=self.msave, highest=self.policy.highest, saved_best=self.policy.saved_best,
                      stage_index=self.stage_idx, iter_state=self.data.get_state(), last_ckpt=self.last_ckpt,
-                     before=self.before, config={k: v for k, v in self.cfg.items() if k != "resume"})
+                     before=self.before, config={k: v for k, v in self.plan.config.items() if k != "resume"})
         try:
-            cb.save_resume(self.plan.run_dir, self.step, self.module, self.embedding_symbol, state)
+            cb.save_resume(self.run_dir, self.step, self.module, self.embedding_symbol, state)
         except ToolkitError as exc:
-            raise ToolkitError(f"{exc}; the previous resume state in {self.plan.run_dir}/resume is intact") from None
+            raise ToolkitError(f"{exc}; the previous resume state in {self.run_dir}/resume is intact") from None
 
     def _diverged(self, loss: float, lr: float) -> None:
         stage = self.plan.stages[self.stage_idx].name
@@ -359,14 +367,14 @@ class Trainer:
         self.data.close()
         self.metrics.close()
         logger.warning("stopped by %s at step %d; resume state saved; continue with --resume %s", self._stop.name,
-                       self.step, self.plan.run_dir)
+                       self.step, self.run_dir)
         return dict(step=self.step, final={}, before=self.before, checkpoint=self.last_ckpt, prefix=self.plan.prefix,
-                    run_dir=self.plan.run_dir, seconds=time.time() - t0, stopped=self._stop.name)
+                    run_dir=self.run_dir, seconds=time.time() - t0, stopped=self._stop.name)
 
     def _fit(self) -> dict:
         from recognition.freeze import stage_at
 
-        cfg, plan = self.cfg, self.plan
+        plan = self.plan
         self.stage_idx = stage_at(plan.stages, self.step)[0]
         self.module, self.opt = self._make_module(self.stage_idx, self.arg_params, self.aux_params)
         if self.opt_states:
@@ -375,10 +383,10 @@ class Trainer:
         plan.objective.start(self, self.data)  # e.g. offline triplet mining: embeds its bags with self.embedder()
         if not plan.resume:
             self._init_fc7()
-            if cfg.eval_pretrained and self.verifier:
+            if plan.eval_pretrained and self.verifier:
                 self.before = {k: float(r["acc"]) for k, r in self._verify(*cb.synced_params(self.module)).items()}
         window = Window(plan.batch_size)
-        end_epoch = int(cfg.end_epoch)
+        end_epoch = plan.end_epoch
         logger.info("training %s: batch %d on %d device(s), %s", plan.prefix, plan.batch_size, len(self.ctx),
                     ", ".join(f"{s.name}:{s.steps or 'end'}" + (f"@{s.lr_mult:g}" if s.lr_mult != 1.0 else "")
                               for s in plan.stages))
@@ -396,10 +404,10 @@ class Trainer:
                 continue
             # the stage's factor (--stages head:N@F, --head-lr-mult) times the schedule; the stage follows from the
             # step and the saved config, so a resumed run gets the same lr
-            lr = scheduled_lr(self.step, cfg, plan)
+            lr = plan.lr_at_step(self.step)
             self.opt.lr = lr
             if self._random_graph:
-                mx.random.seed(int(cfg.seed or 0) * 1000003 + self.step)
+                mx.random.seed(plan.seed * 1000003 + self.step)
             self.module.forward_backward(batch)
             loss, acc, extra = self._batch_metrics(batch)
             if not math.isfinite(loss):
@@ -413,9 +421,9 @@ class Trainer:
             self.metrics.write("train", step=self.step, epoch=state["epoch"], stage=stage, lr=lr, loss=loss,
                                acc=acc, time=round(time.time() - t0, 3), **extra_log)
             window.add(loss, acc, acc_nm)
-            if self.step % int(cfg.frequent) == 0:
+            if self.step % plan.frequent == 0:
                 logger.info(window.report(state["epoch"], state["cursor"], lr, stage, acc is not None))
-            if self.step % int(cfg.verbose) == 0:
+            if self.step % plan.verbose == 0:
                 self._round()
         if self._stop:
             return self._stopped(t0)
@@ -432,7 +440,7 @@ class Trainer:
         if self.before:
             logger.info("verification before/after:\n%s", format_table(self.before, final))
         return dict(step=self.step, final=final, before=self.before, checkpoint=self.last_ckpt,
-                    prefix=plan.prefix, run_dir=plan.run_dir, seconds=time.time() - t0)
+                    prefix=plan.prefix, run_dir=self.run_dir, seconds=time.time() - t0)
 
     def _last_results(self) -> Dict[str, float]:
         from recognition.metrics_log import read_metrics
