@@ -23,7 +23,7 @@ _ALIASES = (
 _GLUON_SUFFIXES = (("_running_mean", "_moving_mean"), ("_running_var", "_moving_var"), ("_alpha", "_gamma"))
 
 
-def _mx_error_line(exc: Exception) -> str:
+def mx_error_line(exc: Exception) -> str:
     """The informative line of an MXNetError (they carry C++ stack traces)."""
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
     for ln in lines:
@@ -32,11 +32,11 @@ def _mx_error_line(exc: Exception) -> str:
     return lines[0] if lines else type(exc).__name__
 
 
-def _is_input(name: str) -> bool:
+def is_input(name: str) -> bool:
     return name == "data" or name.endswith("label")
 
 
-def _normalise_names(arg: dict, aux: dict) -> Tuple[dict, dict, Dict[str, str]]:
+def normalise_names(arg: dict, aux: dict) -> Tuple[dict, dict, Dict[str, str]]:
     """Apply Gluon -> insightface renames; BN statistics go to aux. Returns (arg, aux, {new: old})."""
     out_arg, out_aux, renamed = {}, {}, {}
     for src in (arg, aux):
@@ -82,7 +82,7 @@ def embedding_layer(symbol) -> Tuple[List[str], Optional[str]]:
         for inp in node["inputs"]:
             src = nodes[inp[0]]
             if src["op"] == "null":
-                if not _is_input(src["name"]):
+                if not is_input(src["name"]):
                     names.append(src["name"])
             else:
                 data_inputs.append(inp[0])
@@ -120,7 +120,7 @@ def infer_param_shapes(symbol, data_shape: Sequence[int], where: str) -> Tuple[D
     try:
         arg_shapes, out_shapes, aux_shapes = symbol.infer_shape(data=(1,) + tuple(data_shape))
     except mx.base.MXNetError as exc:
-        raise ToolkitError(f"{where}: shapes do not fit together ({_mx_error_line(exc)})") from None
+        raise ToolkitError(f"{where}: shapes do not fit together ({mx_error_line(exc)})") from None
     if arg_shapes is None:
         raise ToolkitError(f"{where}: cannot infer shapes for input {tuple(data_shape)}")
     args = dict(zip(symbol.list_arguments(), (tuple(s) for s in arg_shapes)))
@@ -128,13 +128,13 @@ def infer_param_shapes(symbol, data_shape: Sequence[int], where: str) -> Tuple[D
     return args, aux, int(np.prod(out_shapes[0][1:]))
 
 
-def _find_classifier(ckpt_sym, ckpt_arg: dict, meta: dict, fc7_name: str, ckpt_emb: Optional[int],
+def find_classifier(ckpt_sym, ckpt_arg: dict, meta: dict, fc7_name: str, ckpt_emb: Optional[int],
                      backbone_names: set) -> Tuple[Optional[str], Optional[str], List[str]]:
     """(weight name, bias name or None, other head params) of the checkpoint's classifier."""
     head: List[str] = []
     if ckpt_sym is not None:
         head = [n for n in ckpt_sym.list_arguments() + ckpt_sym.list_auxiliary_states()
-                if n not in backbone_names and not _is_input(n)]
+                if n not in backbone_names and not is_input(n)]
 
     def two_d(name):
         v = ckpt_arg.get(name)
@@ -160,11 +160,11 @@ def _find_classifier(ckpt_sym, ckpt_arg: dict, meta: dict, fc7_name: str, ckpt_e
     return weight, bias, others
 
 
-def _alias_candidates(name: str) -> List[str]:
+def alias_candidates(name: str) -> List[str]:
     return [pat.sub(rep, name) for pat, rep in _ALIASES if pat.search(name)]
 
 
-def _positional(targets: List[str], target_shapes: dict, sources: List[str], source_arrays: dict) -> Dict[str, str]:
+def positional(targets: List[str], target_shapes: dict, sources: List[str], source_arrays: dict) -> Dict[str, str]:
     """Match leftovers by graph position when both lists have the same length and pairwise equal shapes."""
     if not targets or len(targets) != len(sources):
         return {}
@@ -178,7 +178,7 @@ def _bn_attrs(attrs: dict) -> Tuple[float, bool]:
     return float(attrs.get("eps", 1e-3)), attrs.get("fix_gamma", "True") in ("True", "true", "1")
 
 
-def _adopt_bn_attrs(symbol, ckpt_cut, matched: Dict[str, str]) -> Tuple[object, int]:
+def adopt_bn_attrs(symbol, ckpt_cut, matched: Dict[str, str]) -> Tuple[object, int]:
     """Give each BatchNorm of ``symbol`` the eps/fix_gamma of the checkpoint BN whose gamma it loads.
 
     Older insightface builders left ``eps`` at MXNet's 1e-3 where today's say 2e-5: same parameters, different

@@ -24,28 +24,17 @@ import json
 import re
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
+from recognition.checkpoint_graph import is_input
 from recognition.common import ToolkitError, symbol_graph
 
 EMBEDDING_STAGE = "embedding"
 # Dropout (insightface's 'E' head: bn1 -> Dropout(0.4) -> pre_fc1) during the 'head' stage; see the module docstring
 HEAD_STAGE_DROPOUT = False
-# Checkpoint graphs without a --network: stage tables inferred from insightface's naming.
-_FRESNET_TABLE = [("stem", r"^(conv0|bn0|relu0)_")] + [(f"stage{i}", rf"^stage{i}_") for i in range(1, 5)] + \
-    [(EMBEDDING_STAGE, r"^(bn1|pre_fc1|fc1)_")]
-_MOBILEFACENET_TABLE = [
-    ("stem", r"^(conv_1|conv_2_dw|res_2)_"),
-    ("stage1", r"^(dconv_23|res_3)_"),
-    ("stage2", r"^(dconv_34|res_4)_"),
-    ("stage3", r"^(dconv_45|res_5)_"),
-    ("stage4", r"^conv_6sep_"),
-    (EMBEDDING_STAGE, r"^(conv_6dw7_7|pre_fc1|fc1)_"),
-]
+# Checkpoint graphs without a --network: the stage tables of insightface's fresnet and MobileFaceNet naming (the
+# backbones' own tables, recognition.backbones.get_stages), recognised by their first two stages' names.
+_NAMED_GRAPHS = ("r50", "y1")
 _FALLBACK_TABLE = [("backbone", r"^(?!(pre_fc1|fc1)_)"), (EMBEDDING_STAGE, r"^(pre_fc1|fc1)_")]
 _NO_DECAY = re.compile(r"_(gamma|beta|bias)$")  # BatchNorm gamma/beta, PReLU gamma, every bias
-
-
-def _is_input(name: str) -> bool:
-    return name == "data" or name.endswith("label")
 
 
 def fc7_pattern(fc7_name: str = "fc7") -> "re.Pattern":
@@ -68,7 +57,7 @@ def param_multipliers(arg_names: Sequence[str], fc7_name: str = "fc7", fc7_lr_mu
     lr_mult: Dict[str, float] = {}
     wd_mult: Dict[str, float] = {}
     for name in arg_names:
-        if _is_input(name):
+        if is_input(name):
             continue
         head = bool(is_fc7.match(name))
         lr = fc7_lr_mult if head else backbone_lr_mult
@@ -172,12 +161,12 @@ def stage_table_for(network: Optional[str], arg_names: Sequence[str]) -> List[Tu
     naming (fresnet ``conv0``/``stageN_unitM``/``bn1``, MobileFaceNet ``conv_1``..``conv_6dw7_7``); unknown naming
     -> ``backbone`` and ``embedding`` (``pre_fc1``/``fc1``) only.
     """
-    if network:
-        from recognition.backbones import get_stages
+    from recognition.backbones import get_stages
 
+    if network:
         return list(get_stages(network))
-    names = [n for n in arg_names if not _is_input(n)]
-    for table in (_FRESNET_TABLE, _MOBILEFACENET_TABLE):
+    names = [n for n in arg_names if not is_input(n)]
+    for table in (get_stages(net) for net in _NAMED_GRAPHS):
         anchors = re.compile(table[0][1]), re.compile(table[1][1])
         if any(anchors[0].match(n) for n in names) and any(anchors[1].match(n) for n in names):
             return list(table)
@@ -215,7 +204,7 @@ def stage_plan(symbol, stage: Stage, stage_table: Sequence[Tuple[str, str]], fro
     """
     if bn_mode not in ("train", "frozen"):
         raise ToolkitError(f"--bn-mode {bn_mode!r}: expected 'train' or 'frozen'")
-    names = [n for n in symbol.list_arguments() if not _is_input(n)]
+    names = [n for n in symbol.list_arguments() if not is_input(n)]
     internals = symbol.get_internals()
     if "fc1_output" in internals.list_outputs():
         backbone = set(internals["fc1_output"].list_arguments())

@@ -16,16 +16,16 @@ import numpy as np
 
 from recognition.checkpoint_graph import (
     EMBEDDING_NODE,
-    _adopt_bn_attrs,
-    _alias_candidates,
-    _find_classifier,
-    _is_input,
-    _mx_error_line,
-    _normalise_names,
-    _positional,
+    adopt_bn_attrs,
+    alias_candidates,
     cut_at_embedding,
     embedding_layer,
+    find_classifier,
     infer_param_shapes,
+    is_input,
+    mx_error_line,
+    normalise_names,
+    positional,
     set_embedding_size,
 )
 from recognition.common import ToolkitError, load_checkpoint, parse_prefix_epoch
@@ -90,7 +90,7 @@ def load_pretrained(spec: str, network: Optional[str] = None, emb_size: Optional
     sym_path = "%s-symbol.json" % prefix
     need_symbol = network is None or os.path.isfile(sym_path)
     ckpt_sym, raw_arg, raw_aux = load_checkpoint(prefix, epoch, need_symbol=need_symbol)
-    ckpt_arg, ckpt_aux, gluon_renamed = _normalise_names(raw_arg, raw_aux)
+    ckpt_arg, ckpt_aux, gluon_renamed = normalise_names(raw_arg, raw_aux)
     ckpt_aux = drop_unit_aux(ckpt_aux)  # a bn graph saved without checkpoint_form: constants, not weights
     meta = read_meta(prefix)
     report = LoadReport(spec=f"{prefix},{epoch}", network=network or "checkpoint graph")
@@ -130,28 +130,28 @@ def load_pretrained(spec: str, network: Optional[str] = None, emb_size: Optional
         try:
             symbol = get_symbol(network, emb_size=emb_size or ckpt_emb, prelu=prelu or "bn")
         except mx.base.MXNetError as exc:
-            raise ToolkitError(f"--network {network}: cannot build ({_mx_error_line(exc)})") from None
+            raise ToolkitError(f"--network {network}: cannot build ({mx_error_line(exc)})") from None
     t_arg, t_aux, out_emb = infer_param_shapes(symbol, data_shape, f"--network {network}" if network else where)
-    t_arg = {k: v for k, v in t_arg.items() if not _is_input(k)}
+    t_arg = {k: v for k, v in t_arg.items() if not is_input(k)}
     t_aux = drop_unit_aux(t_aux)  # prelu='bn' constants: filled below, never looked for in a checkpoint
     emb_layer = set(embedding_layer(symbol)[0])
     if ckpt_emb is None:  # no graph nor sidecar: read it off the (aliased) embedding FC weight
         for n in emb_layer:
-            for cand in [n] + _alias_candidates(n):
+            for cand in [n] + alias_candidates(n):
                 if cand in ckpt_arg and len(ckpt_arg[cand].shape) == 2:
                     ckpt_emb = int(ckpt_arg[cand].shape[0])
         # no --emb-size: follow the checkpoint's width
         if network is not None and emb_size is None and ckpt_emb not in (None, out_emb):
             symbol = get_symbol(network, emb_size=ckpt_emb, prelu=prelu or "bn")
             t_arg, t_aux, out_emb = infer_param_shapes(symbol, data_shape, f"--network {network}")
-            t_arg = {k: v for k, v in t_arg.items() if not _is_input(k)}
+            t_arg = {k: v for k, v in t_arg.items() if not is_input(k)}
             t_aux = drop_unit_aux(t_aux)
         emb_change = emb_size is not None and ckpt_emb is not None and int(emb_size) != ckpt_emb
 
     if ckpt_cut is None:  # no graph: whatever the new backbone can take by name is not the classifier
-        backbone_names = {c for n in list(t_arg) + list(t_aux) for c in [n] + _alias_candidates(n)
+        backbone_names = {c for n in list(t_arg) + list(t_aux) for c in [n] + alias_candidates(n)
                           if c in ckpt_arg or c in ckpt_aux}
-    cls_w, cls_b, head_others = _find_classifier(ckpt_sym, ckpt_arg, meta, fc7_name, ckpt_emb, backbone_names)
+    cls_w, cls_b, head_others = find_classifier(ckpt_sym, ckpt_arg, meta, fc7_name, ckpt_emb, backbone_names)
     claimed = {n for n in (cls_w, cls_b) if n}
 
     # Match backbone + embedding parameters: exact name, known renames, then graph position.
@@ -163,7 +163,7 @@ def load_pretrained(spec: str, network: Optional[str] = None, emb_size: Optional
         for name, shape in targets.items():
             if emb_change and name in emb_layer:
                 continue
-            for cand in [name] + _alias_candidates(name):
+            for cand in [name] + alias_candidates(name):
                 if cand in sources and cand not in claimed and tuple(sources[cand].shape) == shape:
                     matched[name] = cand
                     claimed.add(cand)
@@ -172,7 +172,7 @@ def load_pretrained(spec: str, network: Optional[str] = None, emb_size: Optional
             order = ckpt_cut.list_arguments() if sources is ckpt_arg else ckpt_cut.list_auxiliary_states()
             left_t = [n for n in targets if n not in matched and not (emb_change and n in emb_layer)]
             left_s = [n for n in order if n in sources and n not in claimed]
-            for t, s in _positional(left_t, targets, left_s, sources).items():
+            for t, s in positional(left_t, targets, left_s, sources).items():
                 matched[t] = s
                 claimed.add(s)
         matched_all.update(matched)
@@ -184,7 +184,7 @@ def load_pretrained(spec: str, network: Optional[str] = None, emb_size: Optional
                 report.loaded.append((name, shape, gluon_renamed.get(src, src)))
                 continue
             missing.append(name)
-            old = next((c for c in [name] + _alias_candidates(name) if c in sources), None)
+            old = next((c for c in [name] + alias_candidates(name) if c in sources), None)
             if emb_change and name in emb_layer:
                 old_shape = f"shape {fmt_shape(sources[old].shape)}" if old else "absent"
                 report.reinitialised.append((name, shape, f"{old_shape} in checkpoint, {fmt_shape(shape)} needed: "
@@ -197,13 +197,13 @@ def load_pretrained(spec: str, network: Optional[str] = None, emb_size: Optional
 
     if emb_change:  # the old embedding layer's arrays were replaced on purpose: say so, not "unused"
         old_layer = set(embedding_layer(ckpt_cut)[0]) if ckpt_cut is not None else \
-            {c for n in emb_layer for c in [n] + _alias_candidates(n)}
+            {c for n in emb_layer for c in [n] + alias_candidates(n)}
         for name in sorted(old_layer):
             if name not in claimed and (name in ckpt_arg or name in ckpt_aux):
                 report.dropped.append((name, f"embedding layer re-created for --emb-size {emb_size}"))
                 claimed.add(name)
     if network is not None and ckpt_cut is not None:
-        symbol, adopted = _adopt_bn_attrs(symbol, ckpt_cut, matched_all)
+        symbol, adopted = adopt_bn_attrs(symbol, ckpt_cut, matched_all)
         if adopted:
             report.notes.append(f"{adopted} BatchNorm layer(s) take eps/fix_gamma from the checkpoint graph "
                                 f"(the --network {network} builder differs; outputs would change otherwise)")

@@ -12,11 +12,11 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, List, Mapping, Optional, Tuple
 
-from recognition import callbacks as cb
 from recognition.args import check_positive
 from recognition.common import ToolkitError, parse_ctx, parse_prefix_epoch
 from recognition.launch import check_kvstore
 from recognition.objectives import RunObjective, prepare_objective
+from recognition.resume_state import read_resume_state
 
 logger = logging.getLogger("recognition")
 
@@ -178,7 +178,7 @@ def prepare_run(cfg) -> RunPlan:
     image_size = tuple(int(v) for v in cfg.image_size)
     # the loss and its add-ons (offline mining, distillation): every objective flag checked, the teacher loaded
     objective = prepare_objective(cfg, ctx, kvstore, int(cfg.per_batch_size), (3,) + image_size)
-    resume = cb.read_resume_state(cfg.resume) if cfg.get("resume") else None
+    resume = read_resume_state(cfg.resume) if cfg.get("resume") else None
     pretrained = None
     if cfg.get("pretrained") and not resume:
         spec = str(cfg.pretrained)

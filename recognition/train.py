@@ -31,7 +31,7 @@ def build_argparser(legacy: bool = False, prog: Optional[str] = None) -> argpars
 def config_from_args(args: argparse.Namespace, explicit: Optional[dict] = None):
     """Flat run configuration: defaults, ``--config``, explicit flags, ``--set``; on ``--resume`` the saved
     configuration replaces the defaults (flags given now still override it)."""
-    from recognition.callbacks import read_resume_state
+    from recognition.resume_state import read_resume_state
     from recognition.train_config import resolve_config
 
     explicit = dict(explicit_values(args) if explicit is None else explicit)

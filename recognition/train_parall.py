@@ -21,6 +21,8 @@ from typing import Optional, Sequence
 import mxnet as mx
 
 from recognition.common import ToolkitError, run_cli
+from recognition.parallel_fc import ParallelModule
+from recognition.resume_state import get_optimizer_states, set_optimizer_states
 from recognition.trainer import Trainer, prepare_run
 
 logger = logging.getLogger("recognition")
@@ -68,9 +70,10 @@ class _LR:
 class ParallelTrainer(Trainer):
     """:class:`recognition.trainer.Trainer` with its Module replaced by a :class:`ParallelModule`.
 
-    Everything else (data, stages, verification, ``--ckpt``, checkpoints, resume state, metrics) is the
-    trainer's; the ParallelModule answers ``forward_backward``/``update``/``get_params``/``set_params`` like a
-    Module, with the full fc7 under its own name.
+    It plugs into the trainer's hooks (``_make_module``, ``_batch_metrics``, ``optimizer_states``,
+    ``load_optimizer_states``); everything else (data, stages, verification, ``--ckpt``, checkpoints, resume
+    state, metrics) is the trainer's; the ParallelModule answers ``forward_backward``/``update``/``get_params``/
+    ``set_params`` like a Module, with the full fc7 under its own name.
     """
 
     def _make_module(self, stage_idx: int, arg: dict, aux: dict):
@@ -82,7 +85,7 @@ class ParallelTrainer(Trainer):
                                       self.fc7_name, plan.bn_mode)
         embedding = freeze_batchnorm(self.embedding_symbol, frozen_bn)
         ratio = plan.sample_ratio
-        pmod = _resumable_class()(embedding, plan.num_classes, plan.loss_cfg, self.ctx, plan.batch_size,
+        pmod = ParallelModule(embedding, plan.num_classes, plan.loss_cfg, self.ctx, plan.batch_size,
                                   data_shape=plan.data_shape, sample_ratio=ratio,
                                   fc7_name=self.fc7_name, fixed_param_names=fixed, seed=plan.seed)
         arg, aux = self._complete_params(arg, aux)
@@ -100,9 +103,6 @@ class ParallelTrainer(Trainer):
         pmod.init_optimizer(kvstore=plan.kvstore, optimizer=opt,
                             fc7_optimizer_params=dict(learning_rate=plan.lr, momentum=plan.mom, wd=plan.wd))
         self.trained = (set(wanted) - set(fixed)) | set(pmod.fc.param_names)
-        if self.opt_states:  # resume: install once; the trainer's own hook expects a Module
-            _set_states(pmod, self.opt_states, self.trained)
-            self.opt_states = None
         logger.info("stage %s: %d backbone parameters train, %d fixed, %d BatchNorms frozen; fc7 %s over %d "
                     "device(s)%s", stage.name, len(set(wanted) - set(fixed)), len(fixed), len(frozen_bn),
                     "x".join(map(str, (plan.num_classes, pmod.emb_size))), len(self.ctx),
@@ -125,63 +125,24 @@ class ParallelTrainer(Trainer):
         full_arg, full_aux = mod.get_params()
         return dict(full_arg), dict(full_aux)
 
-    def _switch(self, stage_idx: int) -> None:
-        from recognition.callbacks import synced_params
+    def optimizer_states(self) -> dict:
+        """Trainer hook: the backbone's states and fc7's, reassembled under ``fc7_weight`` (so a resume state
+        moves between train.py and this script)."""
+        states = dict(get_optimizer_states(self.module.backbone) or {})
+        states.update(self.module.fc.get_states())
+        return states
 
-        arg, aux = synced_params(self.module)
-        states = _get_states(self.module)
-        before = set(self.trained)
-        self.module, self.opt = self._make_module(stage_idx, arg, aux)
-        _set_states(self.module, states, before & self.trained)
-        self.stage_idx = stage_idx
+    def load_optimizer_states(self, states: dict, names: set) -> None:
+        """Trainer hook: install ``{param_name: state}`` into the backbone and the fc7 shards."""
+        chosen = {k: v for k, v in states.items() if k in names}
+        set_optimizer_states(self.module.backbone, chosen)
+        self.module.fc.set_states(chosen)
 
     def _batch_metrics(self, batch):
         label = batch.label[0].asnumpy().astype("int64")
         loss = float(self.module.last_loss.mean())
         acc = float((self.module.last_pred == label).mean())
         return loss, acc, {}
-
-
-def _get_states(pmod) -> dict:
-    from recognition.callbacks import get_optimizer_states
-
-    states = dict(get_optimizer_states(pmod.backbone) or {})
-    states.update(pmod.fc.get_states())
-    return states
-
-
-def _set_states(pmod, states: dict, names) -> None:
-    from recognition.callbacks import set_optimizer_states
-
-    set_optimizer_states(pmod.backbone, {k: v for k, v in states.items() if k in names})
-    pmod.fc.set_states({k: v for k, v in states.items() if k in names})
-
-
-class _NamedStates:
-    """An updater look-alike: ``states`` keyed by parameter name (``callbacks.get_optimizer_states`` accepts it)."""
-
-    def __init__(self, states: dict):
-        self.states = states
-
-
-class _NoIndex:
-    idx2name: dict = {}
-
-
-def _resumable_class():
-    """ParallelModule whose optimizer states ``callbacks.save_resume`` can read (it looks at a Module's updater):
-    fc7 momentum reassembled under ``fc7_weight``, so a resume state moves between train.py and this script."""
-    from recognition.parallel_fc import ParallelModule
-
-    class ResumableParallelModule(ParallelModule):
-        _update_on_kvstore = False
-        _optimizer = _NoIndex()
-
-        @property
-        def _updater(self):
-            return _NamedStates(_get_states(self))
-
-    return ResumableParallelModule
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -23,12 +23,21 @@ from typing import Dict, Optional
 import mxnet as mx
 import numpy as np
 
-from recognition import callbacks as cb
+from recognition.checkpoints import CheckpointPolicy, prune_checkpoints, save_model, synced_params
 from recognition.common import ToolkitError, atomic_write, remove_stale_temps, setup_logging, symbol_graph
 from recognition.launch import DIST_KVSTORES, worker_exit_on_error, worker_kvstore
 from recognition.metrics_log import MetricsLog, Window
 from recognition.objectives import DataSpec
+from recognition.resume_state import (
+    StopFlag,
+    get_optimizer_states,
+    load_resume_arrays,
+    save_resume,
+    set_optimizer_states,
+    set_rng_state,
+)
 from recognition.run_plan import RunPlan, lr_at, prepare_run  # noqa: F401  (re-exported)
+from recognition.train_verifier import Verifier
 
 logger = logging.getLogger("recognition")
 
@@ -67,7 +76,7 @@ class Trainer:
                            ", ".join(stale[:4]) + (" ..." if len(stale) > 4 else ""))
         self.metrics = MetricsLog(os.path.join(self.run_dir, "metrics.jsonl"))
         self.curves = os.path.join(self.run_dir, "curves.png")
-        self.policy = cb.CheckpointPolicy(plan.ckpt)
+        self.policy = CheckpointPolicy(plan.ckpt)
         self.step, self.msave, self.stage_idx = 0, 0, 0
         self.last_ckpt: Optional[str] = None
         self.before: Dict[str, float] = {}
@@ -76,7 +85,7 @@ class Trainer:
         self._seed(plan.seed, 0)
         self._build_graph()
         self._build_data()
-        self.verifier = cb.Verifier(plan.targets if self.rank == 0 else [], self.ctx[0],
+        self.verifier = Verifier(plan.targets if self.rank == 0 else [], self.ctx[0],
                                     batch_size=min(64, plan.per_batch_size), image_size=plan.image_size)
         if plan.resume:
             self._restore(plan.resume)
@@ -96,7 +105,7 @@ class Trainer:
         self.arg_params, self.aux_params = {}, {}
         if plan.resume:
             self.embedding_symbol, self.arg_params, self.aux_params, self.opt_states = \
-                cb.load_resume_arrays(plan.resume)
+                load_resume_arrays(plan.resume)
             from recognition.backbones import convert_prelu
 
             # a stock graph (older resume state) trains in the configured formulation, not the slow one
@@ -154,7 +163,7 @@ class Trainer:
         self.last_ckpt, self.before = doc.get("last_ckpt"), doc.get("before", {})
         self.data.set_state(doc["iter_state"])
         self._seed(self.plan.seed, self.step)
-        cb.set_rng_state(doc["rng"])
+        set_rng_state(doc["rng"])
         self.metrics.truncate_after(self.step)
         logger.info("resumed %s at step %d (epoch %d)", doc["dir"], self.step, doc["iter_state"]["epoch"])
 
@@ -205,13 +214,21 @@ class Trainer:
 
     def _switch(self, stage_idx: int) -> None:
         """Rebuild the Module for a new stage, carrying parameters and optimizer states of trained params."""
-        arg, aux = cb.synced_params(self.module)
-        states = cb.get_optimizer_states(self.module)
+        arg, aux = synced_params(self.module)
+        states = self.optimizer_states()
         before = set(self.trained)
         self.module, self.opt = self._make_module(stage_idx, arg, aux)
         if states:
-            cb.set_optimizer_states(self.module, states, names=before & self.trained)
+            self.load_optimizer_states(states, before & self.trained)
         self.stage_idx = stage_idx
+
+    def optimizer_states(self) -> Optional[dict]:
+        """Hook: ``{param_name: state}`` of the current module's optimizer (None: on a parameter server)."""
+        return get_optimizer_states(self.module)
+
+    def load_optimizer_states(self, states: dict, names: set) -> None:
+        """Hook: install ``states`` (``{param_name: state}``) for the parameters in ``names``."""
+        set_optimizer_states(self.module, states, names=names)
 
     def _init_fc7(self) -> None:
         """``--fc7-init imprint``: fc7 rows = normalised class means of the starting backbone's embeddings."""
@@ -222,7 +239,7 @@ class Trainer:
         from recognition.pretrained import imprint_fc7
         from recognition.verification import Embedder
 
-        arg, aux = cb.synced_params(self.module)
+        arg, aux = synced_params(self.module)
         embed = Embedder(self.embedding_symbol, arg, aux, ctx=self.ctx[0], batch_size=self.plan.per_batch_size,
                          data_shape=self.plan.data_shape)
         rec = os.path.join(self.plan.data_dir, "train.rec")
@@ -300,13 +317,13 @@ class Trainer:
         if self.rank > 0:
             return None
         try:
-            path = cb.save_model(self.plan.prefix, epoch, self.module, self.train_symbol, self.embedding_symbol,
+            path = save_model(self.plan.prefix, epoch, self.module, self.train_symbol, self.embedding_symbol,
                                  slim=self.plan.ckpt_embedding, meta=self._meta())
         except ToolkitError as exc:  # disk full / unwritable: earlier checkpoints are untouched (atomic writes)
             raise ToolkitError(f"{exc}; last good checkpoint: {self.last_ckpt or 'none saved yet'}") from None
         self.last_ckpt = path
         keep = self.plan.keep
-        for old in cb.prune_checkpoints(self.plan.prefix, keep, protect=(1,) if self.plan.ckpt == 3 else ()):
+        for old in prune_checkpoints(self.plan.prefix, keep, protect=(1,) if self.plan.ckpt == 3 else ()):
             logger.info("removed %s (--keep %d)", old, keep)
         self.metrics.write("checkpoint", step=self.step, epoch=epoch, path=path)
         logger.info("saved %s", path)
@@ -315,7 +332,7 @@ class Trainer:
     def _round(self, final: bool = False) -> Dict[str, dict]:
         """Verification round ``msave``: verify, checkpoint by policy (always when ``final``), resume state, PNG."""
         self.msave += 1
-        arg, aux = cb.synced_params(self.module)
+        arg, aux = synced_params(self.module)
         results = self._verify(arg, aux)
         epoch = self.policy.decide([float(r["acc"]) for r in results.values()], self.msave)
         if epoch is None and final:
@@ -336,7 +353,8 @@ class Trainer:
                      stage_index=self.stage_idx, iter_state=self.data.get_state(), last_ckpt=self.last_ckpt,
                      before=self.before, config={k: v for k, v in self.plan.config.items() if k != "resume"})
         try:
-            cb.save_resume(self.run_dir, self.step, self.module, self.embedding_symbol, state)
+            save_resume(self.run_dir, self.step, self.module, self.embedding_symbol, state,
+                        optimizer_states=self.optimizer_states())
         except ToolkitError as exc:
             raise ToolkitError(f"{exc}; the previous resume state in {self.run_dir}/resume is intact") from None
 
@@ -353,7 +371,7 @@ class Trainer:
 
         SIGINT/SIGTERM stop gracefully after the current step: resume state written, ``stopped`` in the summary.
         """
-        self._stop = cb.StopFlag()
+        self._stop = StopFlag()
         try:
             return self._fit()
         finally:
@@ -378,13 +396,13 @@ class Trainer:
         self.stage_idx = stage_at(plan.stages, self.step)[0]
         self.module, self.opt = self._make_module(self.stage_idx, self.arg_params, self.aux_params)
         if self.opt_states:
-            cb.set_optimizer_states(self.module, self.opt_states, names=self.trained)
+            self.load_optimizer_states(self.opt_states, self.trained)
         self._last_round = (-1, False)
         plan.objective.start(self, self.data)  # e.g. offline triplet mining: embeds its bags with self.embedder()
         if not plan.resume:
             self._init_fc7()
             if plan.eval_pretrained and self.verifier:
-                self.before = {k: float(r["acc"]) for k, r in self._verify(*cb.synced_params(self.module)).items()}
+                self.before = {k: float(r["acc"]) for k, r in self._verify(*synced_params(self.module)).items()}
         window = Window(plan.batch_size)
         end_epoch = plan.end_epoch
         logger.info("training %s: batch %d on %d device(s), %s", plan.prefix, plan.batch_size, len(self.ctx),
@@ -475,7 +493,7 @@ def run_training(cfg) -> dict:
         if os.environ.get("IFR_DIST_DUMP"):
             from recognition.common import save_params_atomic
 
-            arg, aux = cb.synced_params(trainer.module)
+            arg, aux = synced_params(trainer.module)
             blob = {"arg:" + k: v for k, v in arg.items()}
             blob.update({"aux:" + k: v for k, v in aux.items()})
             save_params_atomic(os.path.join(os.environ["IFR_DIST_DUMP"], f"rank{trainer.rank}.params"), blob)

@@ -1,0 +1,52 @@
+"""Verification on ``--target`` sets during training: :class:`Verifier` holds the decoded sets and verifies an
+embedding graph on each, bound once per graph."""
+from __future__ import annotations
+
+import os
+from typing import Dict, Sequence
+
+from recognition.common import symbol_json
+
+
+class Verifier:
+    """Holds the decoded ``--target`` sets and verifies an embedding graph on each.
+
+    ``__call__(embedding_symbol, arg, aux) -> {name: test_bin result}`` (``acc``, ``std``, ``xnorm``, ...).
+    """
+
+    def __init__(self, paths: Sequence[str], ctx, batch_size: int = 32, image_size=(112, 112), nfolds: int = 10):
+        from recognition.verification import read_bin
+
+        self.ctx, self.batch_size, self.nfolds = ctx, int(batch_size), int(nfolds)
+        self.image_size = tuple(image_size)
+        self._embed, self._key = None, None
+        self.sets = {}
+        for p in paths:
+            name = os.path.splitext(os.path.basename(p))[0]
+            self.sets[name] = read_bin(p, self.image_size)
+
+    def __bool__(self) -> bool:
+        return bool(self.sets)
+
+    def __call__(self, embedding_symbol, arg_params: dict, aux_params: dict) -> Dict[str, dict]:
+        from recognition.verification import Embedder, test_bin
+
+        if not self.sets:
+            return {}
+        # bind once per graph and only load new parameters each round: a new executor per round cost a bind and
+        # a ~180 MB memory peak each time (benchmarks/soak.py, verification every 10 steps: max RSS 921 -> 737 MB)
+        key = symbol_json(embedding_symbol)
+        if self._embed is None or self._key != key:
+            self._embed = Embedder(embedding_symbol, arg_params, aux_params, ctx=self.ctx,
+                                   batch_size=self.batch_size, data_shape=(3,) + self.image_size)
+            self._key = key
+        else:
+            self._embed.set_params(arg_params, aux_params)
+        embed = self._embed
+        out = {}
+        for name, (images, issame) in self.sets.items():
+            out[name] = test_bin(([images], issame), embed, self.batch_size, self.nfolds)
+        return out
+
+
+__all__ = ["Verifier"]
