@@ -4,7 +4,7 @@ Generates a tiny synthetic dataset in a temporary folder, runs ``recognition/tra
 (network ``tiny``, ArcFace, CPU) and records, from the call that parses the flags until the first
 ``forward_backward``, every Python call in a ``recognition`` module that receives the run configuration (the
 object :func:`recognition.train_config.resolve_config` returns), the run plan (what
-:func:`recognition.run_plan.prepare_run` returns) or an object holding the plan (the trainer) as an argument.
+:func:`recognition.run_plan.prepare_run` returns) or an object holding the plan (the trainer) as an argument (the plan's own methods excluded).
 Prints the modules in the order the plan reaches them (consecutive calls in one module collapsed), the number of
 distinct modules, and the returns: how often the plan comes back to a module it had already left; then the same two
 counts for every call into a ``recognition`` module (helpers included) over the same span.
@@ -52,6 +52,8 @@ def trace(argv: List[str]) -> Tuple[List[str], List[str]]:
         elif event == "call" and targets:
             code = frame.f_code
             args = [frame.f_locals.get(v) for v in code.co_varnames[:code.co_argcount + code.co_kwonlyargcount]]
+            if args and code.co_varnames[0] == "self" and id(args[0]) in targets:
+                return  # the plan's own methods and properties: the plan reading itself, not travelling
             if any(holds_plan(a) for a in args) and (not order or order[-1] != name):
                 order.append(name)
 

@@ -7,7 +7,7 @@ Flag names and meanings follow insightface's ``recognition/train.py`` and ``src/
 from __future__ import annotations
 
 import argparse
-from typing import Dict, Optional, Sequence
+from typing import Dict, Optional
 
 from recognition import objectives
 from recognition.common import ToolkitError
@@ -163,14 +163,6 @@ def legacy_loss_values(args: argparse.Namespace) -> dict:
     return out
 
 
-def check_positive(cfg, keys: Sequence[str]) -> None:
-    """Raise a one-line error for a non-positive integer flag (``--per-batch-size 0`` ...)."""
-    for key in keys:
-        value = cfg.get(key)
-        if value is not None and not value > 0:
-            raise ToolkitError(f"--{key.replace('_', '-')}: must be > 0, got {value}")
-
-
 def build_parser(description: str, legacy: bool = False, prog: Optional[str] = None) -> argparse.ArgumentParser:
     """Parser with every group; ``legacy`` swaps ``--loss`` for train_softmax.py's ``--loss-type`` flags."""
     parser = argparse.ArgumentParser(prog=prog, description=description)
@@ -188,4 +180,4 @@ def build_parser(description: str, legacy: bool = False, prog: Optional[str] = N
 
 __all__ = ["LOSS_TYPES", "add_model_args", "add_loss_args", "add_legacy_loss_args", "add_data_args",
            "add_optim_args", "add_finetune_args", "add_run_args", "explicit_values", "legacy_loss_values",
-           "check_positive", "build_parser"]
+           "build_parser"]

@@ -10,15 +10,22 @@ import logging
 import os
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, List, Mapping, Optional, Tuple
+from typing import Any, List, Mapping, Optional, Sequence, Tuple
 
-from recognition.args import check_positive
 from recognition.common import ToolkitError, parse_ctx, parse_prefix_epoch
 from recognition.launch import check_kvstore
 from recognition.objectives import RunObjective, prepare_objective
 from recognition.resume_state import read_resume_state
 
 logger = logging.getLogger("recognition")
+
+
+def check_positive(cfg, keys: Sequence[str]) -> None:
+    """Raise a one-line error for a non-positive integer flag (``--per-batch-size 0`` ...)."""
+    for key in keys:
+        value = cfg.get(key)
+        if value is not None and not value > 0:
+            raise ToolkitError(f"--{key.replace('_', '-')}: must be > 0, got {value}")
 
 
 def _parse_lr_steps(text) -> List[int]:
@@ -161,7 +168,7 @@ class RunPlan:
 
     def lr_at_step(self, step: int) -> float:
         """The scheduled lr of update ``step`` (0-based): :func:`scheduled_lr`."""
-        return scheduled_lr(step, self, self)
+        return _stage_lr(step, self.lr, self.warmup_steps, self.stage_warmup, self.stages, self.lr_steps)
 
 
 def prepare_run(cfg) -> RunPlan:
@@ -176,8 +183,6 @@ def prepare_run(cfg) -> RunPlan:
     if cfg.lr is None or cfg.lr < 0:
         raise ToolkitError(f"--lr: must be >= 0, got {cfg.lr}")
     image_size = tuple(int(v) for v in cfg.image_size)
-    # the loss and its add-ons (offline mining, distillation): every objective flag checked, the teacher loaded
-    objective = prepare_objective(cfg, ctx, kvstore, int(cfg.per_batch_size), (3,) + image_size)
     resume = read_resume_state(cfg.resume) if cfg.get("resume") else None
     pretrained = None
     if cfg.get("pretrained") and not resume:
@@ -206,6 +211,8 @@ def prepare_run(cfg) -> RunPlan:
         raise ToolkitError(f"--ckpt {cfg.ckpt}: choose 0, 1, 2 or 3")
     if int(cfg.get("keep") or 0) < 0:
         raise ToolkitError(f"--keep {cfg.keep}: must be >= 0 (0 keeps every checkpoint)")
+    # the loss and its add-ons (offline mining, distillation): every objective flag checked, the teacher loaded
+    objective = prepare_objective(cfg, ctx, kvstore, int(cfg.per_batch_size), (3,) + image_size)
     objective.check_batch(int(cfg.per_batch_size))
     totals = [int(cfg.max_steps)] if cfg.get("max_steps") else []
     if stages[-1].steps is not None:
@@ -260,16 +267,20 @@ def scheduled_lr(step: int, cfg, plan) -> float:
     gives ``lr``, ``warmup_steps``, ``stage_warmup``; ``plan`` ``stages`` and ``lr_steps`` (a :class:`RunPlan` is
     both: :meth:`RunPlan.lr_at_step`).
     """
+    return _stage_lr(step, float(cfg.lr), int(cfg.warmup_steps or 0), int(cfg.stage_warmup or 0), plan.stages,
+                     plan.lr_steps)
+
+
+def _stage_lr(step: int, base_lr: float, warmup_steps: int, ramp: int, stages, lr_steps) -> float:
     from recognition.freeze import stage_at
 
-    idx, stage = stage_at(plan.stages, step)
-    lr = stage.lr_mult * lr_at(step, float(cfg.lr), plan.lr_steps, int(cfg.warmup_steps or 0))
-    ramp = int(cfg.stage_warmup or 0)
+    idx, stage = stage_at(stages, step)
+    lr = stage.lr_mult * lr_at(step, base_lr, lr_steps, warmup_steps)
     if ramp and idx > 0:
-        into = step - sum(s.steps for s in plan.stages[:idx])
+        into = step - sum(s.steps for s in stages[:idx])
         if into < ramp:
             lr *= (into + 1) / float(ramp)
     return lr
 
 
-__all__ = ["RunPlan", "prepare_run", "lr_at", "scheduled_lr"]
+__all__ = ["RunPlan", "prepare_run", "check_positive", "lr_at", "scheduled_lr"]

@@ -398,7 +398,7 @@ class Trainer:
         if self.opt_states:
             self.load_optimizer_states(self.opt_states, self.trained)
         self._last_round = (-1, False)
-        plan.objective.start(self, self.data)  # e.g. offline triplet mining: embeds its bags with self.embedder()
+        plan.objective.start(self.data, self.embedder, self.metrics)  # offline mining embeds its bags with it
         if not plan.resume:
             self._init_fc7()
             if plan.eval_pretrained and self.verifier:

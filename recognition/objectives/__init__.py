@@ -17,7 +17,7 @@ from typing import Dict
 
 from recognition.common import ToolkitError
 from recognition.objectives import center, distill, margin, triplet
-from recognition.objectives.base import LOSS_FIELDS, DataSpec, LossConfig, Objective, RunObjective
+from recognition.objectives.base import LOSS_FIELDS, DataSpec, LossConfig, Objective, ObjectiveFlags, RunObjective
 
 REGISTRY: Dict[str, Objective] = {o.name: o for o in (
     margin.SOFTMAX, margin.NSOFTMAX, margin.ARCFACE, margin.COSFACE, margin.COMBINED, margin.SPHEREFACE,
@@ -102,9 +102,10 @@ def prepare_objective(cfg, ctx, kvstore: str, per_batch_size: int, data_shape) -
     objective = get_objective(cfg.loss)
     loss_cfg = LossConfig(loss=objective.name) if objective.needs_teacher else \
         make_loss_config(objective.name, **(cfg.get("loss_kwargs") or {}))
-    triplet.MINING.interval(cfg, objective)
-    options = objective.run_options(cfg, loss_cfg, kvstore)
-    teacher = distill.DISTILL.plan(cfg, objective, ctx[0], per_batch_size, data_shape)
+    flags = ObjectiveFlags.from_config(cfg)
+    triplet.MINING.interval(flags, objective)
+    options = objective.run_options(flags, loss_cfg, kvstore)
+    teacher = distill.DISTILL.plan(flags, objective, ctx[0], per_batch_size, data_shape)
     return RunObjective(objective, loss_cfg, options, teacher)
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import mxnet as mx
 
@@ -100,6 +100,32 @@ class DataSpec:
                     seed=self.seed, num_parts=self.num_parts, part_index=self.part_index)
 
 
+@dataclass(frozen=True)
+class ObjectiveFlags:
+    """The run flags objectives and add-ons read besides the loss hyper-parameters, typed once from the flat
+    configuration (:meth:`from_config`): offline mining, distillation, and the augmentation a teacher cache
+    cannot follow."""
+
+    mining_interval: int = 0
+    bag_identities: int = 20
+    teacher: Optional[str] = None
+    distill_loss: Optional[str] = None
+    distill_weight: Optional[float] = None
+    teacher_cache: Optional[str] = None
+    data_cutoff: int = 0
+    data_color: float = 0.0
+    data_rand_mirror: bool = False
+
+    @classmethod
+    def from_config(cls, cfg) -> "ObjectiveFlags":
+        weight = cfg.get("distill_weight")
+        return cls(mining_interval=int(cfg.get("mining_interval") or 0),
+                   bag_identities=int(cfg.get("bag_identities") or 20), teacher=cfg.get("teacher") or None,
+                   distill_loss=cfg.get("distill_loss"), distill_weight=None if weight is None else float(weight),
+                   teacher_cache=cfg.get("teacher_cache") or None, data_cutoff=int(cfg.get("data_cutoff") or 0),
+                   data_color=float(cfg.get("data_color") or 0), data_rand_mirror=bool(cfg.get("data_rand_mirror")))
+
+
 _SHAPE_KEEPING_OPS = {"BatchNorm", "Dropout", "Activation", "LeakyReLU", "identity", "_copy", "BlockGrad",
                       "_mul_scalar", "_div_scalar", "_plus_scalar", "_minus_scalar", "L2Normalization"}
 
@@ -159,7 +185,7 @@ class Objective:
     def check(self, cfg: LossConfig) -> None:
         """Raise a one-line :class:`ToolkitError` for hyper-parameters this objective cannot train with."""
 
-    def run_options(self, cfg, loss_cfg: LossConfig, kvstore: str) -> Dict[str, Any]:
+    def run_options(self, flags: ObjectiveFlags, loss_cfg: LossConfig, kvstore: str) -> Dict[str, Any]:
         """Check the run's flags that concern this objective (before any compute); return its per-run options."""
         return {}
 
@@ -182,9 +208,9 @@ class Objective:
         """K > 0: batches of B/K identities x K images; 0: shuffled images."""
         return 0
 
-    def start(self, trainer, data, options: Mapping[str, Any]) -> None:
-        """Called once before the first step with the trainer and its iterator (offline mining attaches here):
-        ``trainer.embedder()`` embeds with the current parameters, ``trainer.metrics`` is the metrics log."""
+    def start(self, data, embedder: Callable, metrics, options: Mapping[str, Any]) -> None:
+        """Called once before the first step with the training iterator (offline mining attaches here):
+        ``embedder()`` returns an embedding function of the current parameters, ``metrics`` is the metrics log."""
 
 
 class AddOn:
@@ -251,9 +277,10 @@ class RunObjective:
         """Raise when the per-device batch does not fit what this objective's batches are made of."""
         self.objective.check_batch(per_batch_size, self.loss_cfg, self.options)
 
-    def start(self, trainer, data) -> None:
-        self.objective.start(trainer, data, self.options)
+    def start(self, data, embedder: Callable, metrics) -> None:
+        """Before the first step: see :meth:`Objective.start`."""
+        self.objective.start(data, embedder, metrics, self.options)
 
 
-__all__ = ["COS_EPS", "LossConfig", "LOSS_FIELDS", "DataSpec", "infer_emb_size", "emb_output_name",
+__all__ = ["COS_EPS", "LossConfig", "LOSS_FIELDS", "DataSpec", "ObjectiveFlags", "infer_emb_size", "emb_output_name",
            "embedding_output", "head_info", "Objective", "AddOn", "RunObjective"]

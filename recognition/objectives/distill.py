@@ -9,7 +9,7 @@ import logging
 from typing import Any, Mapping, Optional
 
 from recognition.common import ToolkitError
-from recognition.objectives.base import AddOn, LossConfig, Objective
+from recognition.objectives.base import AddOn, LossConfig, Objective, ObjectiveFlags
 
 logger = logging.getLogger("recognition")
 
@@ -48,35 +48,35 @@ class Distillation(AddOn):
         g.add_argument("--teacher-cache", default=None,
                        help="FILE.npy of teacher embeddings per record (made on first use; disables mirroring)")
 
-    def plan(self, cfg, objective: Objective, ctx, per_batch_size: int, data_shape):
+    def plan(self, flags: ObjectiveFlags, objective: Objective, ctx, per_batch_size: int, data_shape):
         """Check the distillation flags (before any compute) and load the teacher; None without ``--teacher``.
 
         Returns a :class:`recognition.distill.TeacherPlan`. With ``--teacher-cache`` random mirroring is switched
         off for the run (:meth:`recognition.objectives.base.RunObjective.make_data`; logged here)."""
-        if not cfg.get("teacher"):
-            given = [f for f in ("distill_loss", "distill_weight", "teacher_cache") if cfg.get(f) is not None]
+        if not flags.teacher:
+            given = [f for f in ("distill_loss", "distill_weight", "teacher_cache") if getattr(flags, f) is not None]
             if given:
                 raise ToolkitError(f"--{given[0].replace('_', '-')}: needs --teacher PREFIX,EPOCH")
             if objective.needs_teacher:
                 raise ToolkitError(f"--loss {objective.name}: nothing to train without --teacher PREFIX,EPOCH "
                                    "(pure distillation)")
             return None
-        weight = 1.0 if cfg.get("distill_weight") is None else float(cfg.distill_weight)
+        weight = 1.0 if flags.distill_weight is None else flags.distill_weight
         if objective.needs_teacher and weight == 0:
             raise ToolkitError(f"--distill-weight 0 with --loss {objective.name}: nothing to train")
-        cache = cfg.get("teacher_cache")
+        cache = flags.teacher_cache
         if cache:
             if not str(cache).endswith(".npy"):
                 raise ToolkitError(f"--teacher-cache {cache}: expected a .npy file name")
-            if cfg.get("data_cutoff") or cfg.get("data_color"):
+            if flags.data_cutoff or flags.data_color:
                 raise ToolkitError("--teacher-cache holds embeddings of un-augmented images: drop --teacher-cache to "
                                    "use cut-off/colour jitter (the teacher then runs on every batch)")
-            if cfg.get("data_rand_mirror"):
+            if flags.data_rand_mirror:
                 logger.warning("--teacher-cache holds un-mirrored images: random mirroring is switched off for this "
                                "run")
         from recognition.distill import TeacherPlan
 
-        return TeacherPlan(cfg.teacher, cfg.get("distill_loss") or "mse", weight, cache, ctx=ctx,
+        return TeacherPlan(flags.teacher, flags.distill_loss or "mse", weight, cache, ctx=ctx,
                            batch_size=min(64, int(per_batch_size)), data_shape=tuple(data_shape))
 
 

@@ -6,12 +6,20 @@ checkpoint's fc7 is dropped (and the load report says so).
 from __future__ import annotations
 
 import argparse
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Callable, Dict, Mapping, Optional
 
 import mxnet as mx
 
 from recognition.common import ToolkitError
-from recognition.objectives.base import AddOn, DataSpec, LossConfig, Objective, embedding_output, head_info
+from recognition.objectives.base import (
+    AddOn,
+    DataSpec,
+    LossConfig,
+    Objective,
+    ObjectiveFlags,
+    embedding_output,
+    head_info,
+)
 
 
 class TripletObjective(Objective):
@@ -39,14 +47,14 @@ class TripletObjective(Objective):
         if cfg.triplet_mining not in ("semihard", "hard"):
             raise ToolkitError(f"--triplet-mining: choose 'semihard' or 'hard', got {cfg.triplet_mining!r}")
 
-    def run_options(self, cfg, loss_cfg: LossConfig, kvstore: str) -> Dict[str, Any]:
+    def run_options(self, flags: ObjectiveFlags, loss_cfg: LossConfig, kvstore: str) -> Dict[str, Any]:
         from recognition.launch import DIST_KVSTORES
 
-        n = MINING.interval(cfg, self)
+        n = MINING.interval(flags, self)
         if n and kvstore in DIST_KVSTORES:
             raise ToolkitError(f"--mining-interval: offline triplet mining runs on one machine; --kvstore {kvstore} "
                                "is not supported with it")
-        return dict(mining_interval=n, bag_identities=int(cfg.get("bag_identities") or 20))
+        return dict(mining_interval=n, bag_identities=flags.bag_identities)
 
     def check_batch(self, per_batch_size: int, loss_cfg: LossConfig, options: Mapping[str, Any]) -> None:
         if not options.get("mining_interval") and per_batch_size % loss_cfg.images_per_identity:
@@ -81,9 +89,9 @@ class TripletObjective(Objective):
                                   alpha=float(loss_cfg.triplet_alpha), kind=self.distance,
                                   rand_mirror=spec.rand_mirror, seed=spec.seed)
 
-    def start(self, trainer, data, options: Mapping[str, Any]) -> None:
+    def start(self, data, embedder: Callable, metrics, options: Mapping[str, Any]) -> None:
         if options.get("mining_interval"):  # the miner embeds each bag with the model as it is then
-            data.attach(trainer.embedder, trainer.metrics)
+            data.attach(embedder, metrics)
 
 
 TRIPLET = TripletObjective("triplet", 12, alpha=0.3)
@@ -111,15 +119,15 @@ class OfflineMining(AddOn):
             g.add_argument("--triplet-alpha", type=float, default=None, help="triplet margin alpha")
 
     @staticmethod
-    def interval(cfg, objective: Objective) -> int:
+    def interval(flags: ObjectiveFlags, objective: Objective) -> int:
         """``--mining-interval`` (0: online); raises for a negative value, a non-triplet loss or ``--teacher``."""
-        n = int(cfg.get("mining_interval") or 0)
+        n = flags.mining_interval
         if n < 0:
             raise ToolkitError(f"--mining-interval: must be >= 0, got {n}")
         if n and not isinstance(objective, TripletObjective):
             raise ToolkitError(f"--mining-interval {n}: offline mining needs --loss triplet or atriplet, "
                                f"got {objective.name}")
-        if n and cfg.get("teacher"):
+        if n and flags.teacher:
             raise ToolkitError(f"--mining-interval {n} with --teacher: offline triplet batches carry no teacher "
                                "embeddings; distil first, then refine with triplets (or use --mining-interval 0)")
         return n
