@@ -2,12 +2,13 @@
 
 Generates a tiny synthetic dataset in a temporary folder, runs ``recognition/train.py``'s ``main`` for one step
 (network ``tiny``, ArcFace, CPU) and records, from the call that parses the flags until the first
-``forward_backward``, every Python call in a ``recognition`` module that receives the run configuration (the
-object :func:`recognition.train_config.resolve_config` returns), the run plan (what
-:func:`recognition.run_plan.prepare_run` returns) or an object holding the plan (the trainer) as an argument (the plan's own methods excluded).
-Prints the modules in the order the plan reaches them (consecutive calls in one module collapsed), the number of
-distinct modules, and the returns: how often the plan comes back to a module it had already left; then the same two
-counts for every call into a ``recognition`` module (helpers included) over the same span.
+``forward_backward``, every Python call in a ``recognition`` module that receives the run configuration (what
+:func:`recognition.train_config.resolve_config` returns), the run plan (what
+:func:`recognition.run_plan.prepare_run` returns) or an object holding the plan (the trainer) as an argument (the
+plan's own methods excluded). Prints the modules in the order the plan reaches them (consecutive calls in one module
+collapsed), the number of distinct modules, and the returns: how often the plan comes back to a module it had
+already left; then the same two counts for every call into a ``recognition`` module (helpers included) over the
+same span.
 """
 from __future__ import annotations
 
