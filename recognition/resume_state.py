@@ -217,34 +217,116 @@ def resume_dir(path: str) -> str:
     raise ToolkitError(f"--resume {path}: no resume state (expected {os.path.join(path, 'resume', 'state.json')})")
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _plain_name(v) -> bool:
+    """A file name inside the resume folder: no folder part, not hidden/relative."""
+    return isinstance(v, str) and v == os.path.basename(v) and v not in ("", ".", "..") and not v.startswith(".")
+
+
+def _rng_ok(rng) -> bool:
+    try:
+        kind, keys, pos, has_gauss, cached = rng["numpy"]
+        version, internal, gauss = rng["python"]
+    except (TypeError, KeyError, ValueError):
+        return False
+    return (kind == "MT19937" and isinstance(keys, list) and len(keys) == 624
+            and all(_is_int(k) and 0 <= k < 2 ** 32 for k in keys) and _is_int(pos) and 0 <= pos <= 624
+            and _is_int(has_gauss) and _is_num(cached) and _is_int(version) and isinstance(internal, list)
+            and len(internal) == 625 and all(_is_int(k) and 0 <= k < 2 ** 32 for k in internal[:624])
+            and _is_int(internal[624]) and (gauss is None or _is_num(gauss)))
+
+
+def validate_resume_state(doc, where: str) -> None:
+    """One-line :class:`ToolkitError` naming the first field of a ``state.json`` with a wrong type or range, or a
+    data file outside (or missing from) the resume folder."""
+    if not isinstance(doc, dict):
+        raise ToolkitError(f"{where}: expected a JSON object, got {type(doc).__name__}")
+    if doc.get("version") != RESUME_VERSION:
+        raise ToolkitError(f"{where}: state version {doc.get('version')} is not {RESUME_VERSION}")
+    checks = [
+        ("step", lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+        ("msave", lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+        ("stage_index", lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+        ("highest", lambda v: isinstance(v, list) and len(v) == 2 and all(_is_num(x) for x in v),
+         "a list of two numbers"),
+        ("saved_best", lambda v: isinstance(v, bool), "true or false"),
+        ("iter_state", lambda v: isinstance(v, dict) and all(_is_int(v.get(k)) and v[k] >= 0
+                                                             for k in ("epoch", "cursor", "seed")),
+         "an object with integer epoch, cursor and seed >= 0"),
+        ("config", lambda v: isinstance(v, dict), "an object (the run's configuration)"),
+        ("before", lambda v: isinstance(v, dict) and all(_is_num(x) for x in v.values()),
+         "an object of accuracies"),
+        ("last_ckpt", lambda v: v is None or isinstance(v, str), "a path or null"),
+        ("params", _plain_name, "a file name inside the resume folder"),
+        ("optimizer", _plain_name, "a file name inside the resume folder"),
+        ("optimizer_none", lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
+         "a list of names"),
+        ("optimizer_saved", lambda v: isinstance(v, bool), "true or false"),
+        ("rng", _rng_ok, "numpy and python RNG states"),
+    ]
+    for key, ok, what in checks:
+        if key not in doc:
+            raise ToolkitError(f"{where}: field {key!r} is missing")
+        if not ok(doc[key]):
+            shown = json.dumps(doc[key], default=str)
+            shown = shown if len(shown) <= 40 else shown[:37] + "..."
+            raise ToolkitError(f"{where}: field {key!r} must be {what}, got {shown}")
+    prefix = doc["config"].get("prefix")
+    if prefix is not None and not isinstance(prefix, str):
+        raise ToolkitError(f"{where}: config.prefix must be a path or null")
+
+
 def read_resume_state(path: str) -> dict:
-    """Parse ``state.json`` of ``--resume DIR``; the dict gains ``dir``."""
+    """Parse and validate ``state.json`` of ``--resume DIR``; the dict gains ``dir`` (the resume folder) and
+    ``run_dir`` (the folder holding it: where the resumed run writes, whatever path it had when saved)."""
     rdir = resume_dir(path)
+    where = f"--resume {path}: {os.path.join(rdir, 'state.json')}"
     try:
         with open(os.path.join(rdir, "state.json")) as f:
             doc = json.load(f)
     except ValueError as exc:
         raise ToolkitError(f"--resume {path}: state.json is not valid JSON ({exc})") from None
-    if doc.get("version") != RESUME_VERSION:
-        raise ToolkitError(f"--resume {path}: state version {doc.get('version')} is not {RESUME_VERSION}")
+    validate_resume_state(doc, where)
+    for key in ("params", "optimizer"):
+        if not os.path.isfile(os.path.join(rdir, doc[key])):
+            raise ToolkitError(f"{where}: {key} file {doc[key]} is missing from {rdir}")
     doc["dir"] = rdir
+    doc["run_dir"] = os.path.dirname(os.path.abspath(rdir))
     return doc
 
 
 def load_resume_arrays(doc: dict):
-    """``(embedding_symbol, arg_params, aux_params, optimizer_states or None)`` of a resume state."""
+    """``(embedding_symbol, arg_params, aux_params, optimizer_states or None)`` of a resume state; an unreadable
+    file is one :class:`ToolkitError` line naming it."""
     rdir = doc["dir"]
-    sym = mx.sym.load(os.path.join(rdir, "embedding-symbol.json"))
-    blob = mx.nd.load(os.path.join(rdir, doc["params"]))
+    path = os.path.join(rdir, "embedding-symbol.json")
+    try:
+        sym = mx.sym.load(path)
+        path = os.path.join(rdir, doc["params"])
+        blob = mx.nd.load(path)
+        states = None
+        if doc.get("optimizer_saved"):
+            path = os.path.join(rdir, doc["optimizer"])
+            flat = mx.nd.load(path)
+            flat.pop("__empty__", None)
+            states = _unflatten(flat, doc.get("optimizer_none", []))
+    except (mx.base.MXNetError, OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ToolkitError(f"--resume: cannot read {path} ({first[:160]})") from None
+    if not isinstance(blob, dict) or not all(k.startswith(("arg:", "aux:")) for k in blob):
+        raise ToolkitError(f"--resume: {os.path.join(rdir, doc['params'])} is not a resume parameter file")
     arg = {k[4:]: v for k, v in blob.items() if k.startswith("arg:")}
     aux = {k[4:]: v for k, v in blob.items() if k.startswith("aux:")}
-    states = None
-    if doc.get("optimizer_saved"):
-        flat = mx.nd.load(os.path.join(rdir, doc["optimizer"]))
-        flat.pop("__empty__", None)
-        states = _unflatten(flat, doc.get("optimizer_none", []))
     return sym, arg, aux, states
 
 
 __all__ = ["RESUME_VERSION", "StopFlag", "get_optimizer_states", "set_optimizer_states", "rng_state",
-           "set_rng_state", "save_resume", "resume_dir", "read_resume_state", "load_resume_arrays"]
+           "set_rng_state", "save_resume", "resume_dir", "validate_resume_state", "read_resume_state",
+           "load_resume_arrays"]

@@ -7,6 +7,7 @@ runs; every bad flag or missing file ends here in one line, before a graph is bu
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -18,6 +19,52 @@ from recognition.objectives import RunObjective, prepare_objective
 from recognition.resume_state import read_resume_state
 
 logger = logging.getLogger("recognition")
+
+
+# Numeric flags checked before anything is written: key -> (integer?, lowest, lowest allowed?, highest, highest
+# allowed?, note). None: unbounded. Margins and loss multipliers are checked with the loss
+# (recognition.objectives.validate_loss_config); --freeze-steps, --head-lr-mult, --mining-interval where they are
+# parsed.
+_NUMBERS = {
+    "lr": (False, 0, True, None, False, ""), "wd": (False, 0, True, None, False, ""),
+    "mom": (False, 0, True, 1, False, ""),
+    "fc7_lr_mult": (False, 0, True, None, False, ""), "fc7_wd_mult": (False, 0, True, None, False, ""),
+    "backbone_lr_mult": (False, 0, True, None, False, ""), "data_color": (False, 0, True, None, False, ""),
+    "distill_weight": (False, 0, True, None, False, ""), "sample_ratio": (False, 0, False, 1, True, ""),
+    "per_batch_size": (True, 0, False, None, False, ""), "frequent": (True, 0, False, None, False, ""),
+    "verbose": (True, 0, False, None, False, ""), "end_epoch": (True, 0, False, None, False, ""),
+    "emb_size": (True, 0, False, None, False, ""),
+    "max_steps": (True, 0, True, None, False, " (0: run to --end-epoch)"),
+    "warmup_steps": (True, 0, True, None, False, ""), "stage_warmup": (True, 0, True, None, False, ""),
+    "keep": (True, 0, True, None, False, " (0 keeps every checkpoint)"),
+    "num_workers": (True, 0, True, None, False, ""), "frozen_stages": (True, 0, True, None, False, ""),
+    "data_cutoff": (True, 0, True, None, False, ""), "data_images_filter": (True, 0, True, None, False, ""),
+    "pretrained_epoch": (True, 0, True, None, False, ""), "bag_identities": (True, 2, True, None, False, ""),
+    "seed": (True, 0, True, 2 ** 32 - 1, True, ""),
+}
+
+
+def _range_text(low, low_ok: bool, high, high_ok: bool) -> str:
+    if high is None:
+        return f"{'>=' if low_ok else '>'} {low}"
+    return f"in {'[' if low_ok else '('}{low}, {high}{']' if high_ok else ')'}"
+
+
+def check_numbers(cfg) -> None:
+    """One-line :class:`ToolkitError` for a numeric flag of the wrong type, not finite (``--lr nan``, ``--wd inf``)
+    or out of range (``--mom 1.5``, ``--max-steps -3``); unset (None) flags are skipped."""
+    for key, (integer, low, low_ok, high, high_ok, note) in _NUMBERS.items():
+        value = cfg.get(key)
+        if value is None:
+            continue
+        flag = "--" + key.replace("_", "-")
+        wanted = _range_text(low, low_ok, high, high_ok)
+        number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        if not number or (integer and not float(value).is_integer()):
+            raise ToolkitError(f"{flag} {value!r}: must be {'an integer' if integer else 'a finite number'} {wanted}")
+        if not ((value >= low if low_ok else value > low) and
+                (high is None or (value <= high if high_ok else value < high))):
+            raise ToolkitError(f"{flag} {value}: must be {wanted}{note}")
 
 
 def check_positive(cfg, keys: Sequence[str]) -> None:
@@ -179,9 +226,9 @@ def prepare_run(cfg) -> RunPlan:
 
     ctx = tuple(parse_ctx(cfg.get("ctx")))
     kvstore = check_kvstore(cfg.get("kvstore") or "device")
-    check_positive(cfg, ["per_batch_size", "frequent", "verbose", "end_epoch"])
-    if cfg.lr is None or cfg.lr < 0:
-        raise ToolkitError(f"--lr: must be >= 0, got {cfg.lr}")
+    check_numbers(cfg)  # types, finiteness and ranges of every numeric flag, before anything is written
+    if cfg.lr is None:
+        raise ToolkitError("--lr: not set")
     image_size = tuple(int(v) for v in cfg.image_size)
     resume = read_resume_state(cfg.resume) if cfg.get("resume") else None
     pretrained = None
@@ -217,7 +264,12 @@ def prepare_run(cfg) -> RunPlan:
     totals = [int(cfg.max_steps)] if cfg.get("max_steps") else []
     if stages[-1].steps is not None:
         totals.append(sum(s.steps for s in stages))
-    if cfg.get("prefix"):
+    if resume:
+        # a run folder is self-contained: a resumed run writes where its resume/ folder is now (a moved or copied
+        # run resumes in place; the folder it was copied from, or a path in its saved config, is never touched)
+        saved = cfg.get("prefix") or "model"
+        prefix = os.path.join(resume["run_dir"], os.path.basename(os.path.normpath(str(saved))) or "model")
+    elif cfg.get("prefix"):
         prefix = cfg.prefix
     else:
         net = cfg.network if (cfg.get("network_explicit") or not pretrained) else \
@@ -283,4 +335,4 @@ def _stage_lr(step: int, base_lr: float, warmup_steps: int, ramp: int, stages, l
     return lr
 
 
-__all__ = ["RunPlan", "prepare_run", "check_positive", "lr_at", "scheduled_lr"]
+__all__ = ["RunPlan", "prepare_run", "check_numbers", "check_positive", "lr_at", "scheduled_lr"]

@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import time
 import warnings
 from typing import Dict, Optional
@@ -40,6 +41,17 @@ from recognition.run_plan import RunPlan, lr_at, prepare_run  # noqa: F401  (re-
 from recognition.train_verifier import Verifier
 
 logger = logging.getLogger("recognition")
+
+
+def _first_missing(path: str) -> Optional[str]:
+    """The topmost folder of ``path`` that does not exist yet (what ``os.makedirs(path)`` would create), or None."""
+    path, missing = os.path.abspath(path), None
+    while not os.path.exists(path):
+        missing, parent = path, os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return missing
 
 
 def _has_random_ops(symbol) -> bool:
@@ -67,7 +79,18 @@ class Trainer:
         self.rank, self.num_workers = (self.kv.rank, self.kv.num_workers) if self.kv else (0, 1)
         # rank 0 verifies and writes checkpoints/resume state; the others log to their own folder
         self.run_dir = plan.run_dir if self.rank == 0 else os.path.join(plan.run_dir, f"worker{self.rank}")
+        made = _first_missing(self.run_dir)
         os.makedirs(self.run_dir, exist_ok=True)
+        try:
+            self._setup()
+        except BaseException:
+            if made:  # a run that fails before its first step leaves no half-made run folder behind
+                shutil.rmtree(made, ignore_errors=True)
+            raise
+
+    def _setup(self) -> None:
+        """Logging, metrics, graph, data, verifier, resume state and ``config.json`` of a new Trainer."""
+        plan = self.plan
         setup_logging(log_file=os.path.join(self.run_dir, "train.log"))
         # a killed run leaves .NAME.XXXX.tmp files (never real names: those only appear by rename); drop them
         stale = remove_stale_temps(self.run_dir) + remove_stale_temps(os.path.join(self.run_dir, "resume"))
@@ -160,7 +183,10 @@ class Trainer:
         self.step, self.msave = int(doc["step"]), int(doc["msave"])
         self.policy.highest = list(doc["highest"])
         self.policy.saved_best = bool(doc["saved_best"])
-        self.last_ckpt, self.before = doc.get("last_ckpt"), doc.get("before", {})
+        # the last checkpoint as it is named in this (possibly moved) run folder
+        last = doc.get("last_ckpt")
+        self.last_ckpt = os.path.join(self.run_dir, os.path.basename(last)) if last else None
+        self.before = doc.get("before", {})
         self.data.set_state(doc["iter_state"])
         self._seed(self.plan.seed, self.step)
         set_rng_state(doc["rng"])

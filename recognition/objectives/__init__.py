@@ -70,12 +70,18 @@ def make_loss_config(name: str, **overrides) -> LossConfig:
     return cfg
 
 
+_NUMERIC_FIELDS = ("margin_s", "margin_m", "margin_a", "margin_b", "fc7_wd_mult", "fc7_lr_mult", "center_loss_weight",
+                   "center_alpha", "triplet_alpha", "images_per_identity", "sphere_lambda")
 _ALIASES = {"m1": "margin_a", "m2": "margin_m", "m3": "margin_b", "s": "margin_s"}
 
 
 def validate_loss_config(cfg: LossConfig) -> None:
     """Raise :class:`ToolkitError` (one line, naming the flag) for values no loss can train with."""
     objective = get_objective(cfg.loss)
+    for key in _NUMERIC_FIELDS:  # NaN/inf pass every range test below: refuse them first
+        value = getattr(cfg, key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ToolkitError(f"--{key.replace('_', '-')} {value!r}: must be a finite number")
     if cfg.margin_a < 1.0:
         raise ToolkitError(f"--margin-a (m1): must be >= 1, got {cfg.margin_a}")
     if not 0.0 <= cfg.margin_m < math.pi / 2:

@@ -25,7 +25,7 @@ class CenterLoss(AddOn):
 
     @staticmethod
     def check(cfg: LossConfig) -> None:
-        if cfg.center_loss_weight < 0:
+        if not cfg.center_loss_weight >= 0:
             raise ToolkitError(f"--center-loss-weight: must be >= 0, got {cfg.center_loss_weight}")
         if not 0.0 < cfg.center_alpha <= 1.0:
             raise ToolkitError(f"--center-alpha: must be in (0, 1], got {cfg.center_alpha}")
