@@ -1,4 +1,5 @@
-"""Describe and check an insightface RecordIO dataset (``train.rec`` + ``train.idx`` + ``property``).
+"""Describe and check an insightface RecordIO dataset (``train.rec`` + ``train.idx`` + ``property``) or a
+verification ``.bin``.
 
 Prints classes, images, images per identity (min/median/max), image size, and checks that rec, idx and property
 agree: idx offsets point at records, identity records cover the images, labels < num_classes, identity count ==
@@ -7,6 +8,9 @@ num_classes. Any mismatch is an ``error: ...`` line and exit code 2.
 Usage::
 
     python -m datasets.rec_info data/mine/train.rec
+    python -m datasets.rec_info data/mine/lfw.bin      # pairs (same/different), images, image size
+
+A folder also lists the ``.bin`` verification sets in it.
 """
 from __future__ import annotations
 
@@ -67,11 +71,46 @@ def rec_info(rec: str, sample: int = 16) -> dict:
                 "empty_classes": int((counts == 0).sum()), "image_size": (ph, pw), "property": prop}
 
 
+def bin_info(path: str, sample: int = 16) -> dict:
+    """Check a verification ``.bin`` (insightface's ``(images, issame)`` pickle, read without running code) and
+    return ``{num_pairs, num_same, num_images, image_sizes [(h, w)]}``; ``sample`` images are decoded for sizes."""
+    from recognition.rec import safe_load_pickle
+
+    obj = safe_load_pickle(path)
+    if not isinstance(obj, (tuple, list)) or len(obj) != 2:
+        raise ToolkitError(f"{path}: expected a pickle of (images, issame_list), got {type(obj).__name__}")
+    bins, issame = list(obj[0]), [bool(x) for x in obj[1]]
+    if len(bins) != 2 * len(issame):
+        raise ToolkitError(f"{path}: {len(bins)} images but {len(issame)} pair labels (need 2 images per pair)")
+    if not bins:
+        raise ToolkitError(f"{path}: holds no pairs")
+    sizes = set()
+    for k in np.unique(np.linspace(0, len(bins) - 1, min(sample, len(bins))).astype(int)):
+        raw = bytes(bins[k])
+        img = cv2.imdecode(np.frombuffer(raw, np.uint8), cv2.IMREAD_COLOR) if raw else None
+        if img is None:
+            raise ToolkitError(f"{path}: image {k} is not a decodable image")
+        sizes.add(img.shape[:2])
+    return {"num_pairs": len(issame), "num_same": int(sum(issame)), "num_images": len(bins),
+            "image_sizes": sorted(sizes)}
+
+
+def _print_bin(path: str, info: dict) -> None:
+    sizes = ", ".join(f"{w}x{h}" for h, w in info["image_sizes"])
+    print(f"{os.path.basename(path)}: {info['num_pairs']} pairs ({info['num_same']} same, "
+          f"{info['num_pairs'] - info['num_same']} different), {info['num_images']} images, image size {sizes}")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m datasets.rec_info", description=__doc__.split("\n\n")[0])
-    ap.add_argument("rec", help="train.rec or its folder")
+    ap.add_argument("rec", help="train.rec or its folder, or a verification .bin")
     ap.add_argument("--sample", type=int, default=16, help="images decoded to check their size")
     args = ap.parse_args(argv)
+    if args.rec.endswith(".bin"):
+        if not os.path.isfile(args.rec):
+            raise ToolkitError(f"{args.rec}: verification file does not exist")
+        _print_bin(args.rec, bin_info(args.rec, args.sample))
+        return 0
     info = rec_info(args.rec, args.sample)
     lo, med, hi = info["per_identity"]
     print(f"classes: {info['num_classes']}")
@@ -80,6 +119,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"images per identity: min {lo} median {med:g} max {hi} (empty classes: {info['empty_classes']})")
     print(f"image size: {info['image_size'][1]}x{info['image_size'][0]}")
     print("check: rec, idx and property agree")
+    folder = args.rec if os.path.isdir(args.rec) else os.path.dirname(os.path.abspath(args.rec))
+    for name in sorted(f for f in os.listdir(folder) if f.endswith(".bin")):
+        _print_bin(name, bin_info(os.path.join(folder, name), args.sample))
     return 0
 
 

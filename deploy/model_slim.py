@@ -3,7 +3,8 @@
     python deploy/model_slim.py --model ../models/model-r34-amf/model,0          # writes model-r34-amf/models-0000
 
 The graph is cut at ``fc1_output``; the classifier (``fc7``), the loss nodes and every array only they use are
-removed. The slim model computes exactly the same embeddings. Existing files are never overwritten.
+removed. The slim model computes exactly the same embeddings. Existing files are never overwritten. A model that is
+already slim is reported as such and not copied; ``PREFIX-meta.json`` (network, verified thresholds) follows the model.
 """
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 
+from recognition.checkpoint_graph import EMBEDDING_NODE
 from recognition.common import ToolkitError, load_checkpoint, parse_prefix_epoch, run_cli, save_checkpoint
+from recognition.load_report import read_meta, write_meta
 from recognition.pretrained import cut_at_embedding
 
 
@@ -59,11 +62,17 @@ def slim_checkpoint(prefix: str, epoch: int, out_prefix: Optional[str] = None, o
                            f"graph needs: {', '.join(missing[:5])}")
     removed = [(n, tuple(v.shape)) for n, v in sorted(arg.items()) if n not in keep_arg] + \
         [(n, tuple(v.shape)) for n, v in sorted(aux.items()) if n not in keep_aux]
+    size_before = os.path.getsize("%s-%04d.params" % (prefix, epoch))
+    if not removed and symbol.list_outputs() == [EMBEDDING_NODE]:  # nothing to cut: no copy of the same files
+        return {"output": (prefix, epoch), "files": [], "removed": [], "kept": len(keep_arg) + len(keep_aux),
+                "size_before": size_before, "size_after": size_before, "already_slim": True}
     files = save_checkpoint(out_prefix, out_epoch, slim, keep_arg, keep_aux)
+    meta = read_meta(prefix)
+    if meta:  # the sidecar (network, emb size, verified thresholds) follows the model
+        write_meta(out_prefix, **dict(meta, slim=True))
     return {"output": (out_prefix, out_epoch), "files": files, "removed": removed,
-            "kept": len(keep_arg) + len(keep_aux),
-            "size_before": os.path.getsize("%s-%04d.params" % (prefix, epoch)),
-            "size_after": os.path.getsize(out_params)}
+            "kept": len(keep_arg) + len(keep_aux), "size_before": size_before,
+            "size_after": os.path.getsize(out_params), "already_slim": False}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,6 +88,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     prefix, epoch = parse_prefix_epoch(args.model, "--model")
     out_prefix, out_epoch = parse_output(args.output, prefix)
     info = slim_checkpoint(prefix, epoch, out_prefix, out_epoch)
+    if info["already_slim"]:
+        print(f"{prefix},{epoch} is already slim: its graph ends at {EMBEDDING_NODE} and it holds only the "
+              f"{info['kept']} array(s) that needs; nothing to remove, nothing written")
+        return 0
     removed: List[tuple] = info["removed"]
     values = sum(int(np.prod(s)) for _, s in removed)
     print(f"removed {len(removed)} array(s) ({values:,} values) not needed for fc1_output:")

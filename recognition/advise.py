@@ -148,7 +148,7 @@ def measure(fx: FeatureExtractor, data: LabelledImages, num_pairs: int = 600, pe
     labels = data.labels[subset]
     pairs, issame = sample_pairs(labels, num_pairs, seed)
     raw, raw_flip = [], []
-    for batch in data.batches(subset, batch_size):  # one decode per image: original and mirror
+    for batch in data.batches(subset, batch_size, progress="advise: embed"):  # one decode per image + mirror
         raw.append(fx(batch))
         raw_flip.append(fx(np.ascontiguousarray(batch[:, :, :, ::-1])))
     raw, raw_flip = np.concatenate(raw), np.concatenate(raw_flip)
@@ -237,6 +237,8 @@ def advise(pretrained: str, data: str, ctx=None, network: Optional[str] = None, 
         from recognition.pretrained import read_meta
 
         network = read_meta(prefix).get("network") or None
+        if network and network.startswith("checkpoint graph of "):  # not a registry name: stages from the graph
+            network = None
     fx = FeatureExtractor(symbol, arg_params, aux_params, EMBED_NODE, ctx, batch_size)
     images = LabelledImages(data)
     try:

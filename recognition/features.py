@@ -11,6 +11,7 @@ is taken as is. Normalisation (L2) is left to the caller: :func:`l2_normalize`.
 from __future__ import annotations
 
 import difflib
+import logging
 import os
 from typing import Iterator, List, Optional, Sequence, Tuple
 
@@ -18,6 +19,8 @@ import numpy as np
 
 from recognition.common import ToolkitError, load_checkpoint
 from recognition.verification import EMBED_NODE, Embedder
+
+logger = logging.getLogger(__name__)
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -136,7 +139,7 @@ class LabelledImages:
             self.sources: List = list(self._reader.image_keys)
             self.labels = self._reader.labels(self.sources).astype(np.int64)
             n = int(self.labels.max()) + 1 if len(self.labels) else 0
-            self.class_names = [str(i) for i in range(n)]
+            self.class_names = _rec_class_names(rec, n)
         elif os.path.isdir(path):
             self.kind = "folder"
             self.sources, self.labels, self.class_names = _list_identity_folder(path, flag)
@@ -160,14 +163,36 @@ class LabelledImages:
                 out[j] = read_image(src, size)
         return out
 
-    def batches(self, indices: Sequence[int], batch_size: int = 64) -> Iterator[np.ndarray]:
-        """float32 (b, 3, H, W) batches of ``indices`` in order."""
-        for start in range(0, len(indices), batch_size):
-            yield self.load(indices[start:start + batch_size]).astype(np.float32)
+    def batches(self, indices: Sequence[int], batch_size: int = 64,
+                progress: Optional[str] = None) -> Iterator[np.ndarray]:
+        """float32 (b, 3, H, W) batches of ``indices`` in order; ``progress``: the description of progress lines
+        (a bar on a terminal, see :mod:`recognition.progress`) counted as each batch is consumed."""
+        from recognition.progress import Progress
+
+        with Progress(len(indices), progress or "", unit="img", enabled=bool(progress)) as bar:
+            for start in range(0, len(indices), batch_size):
+                chunk = indices[start:start + batch_size]
+                yield self.load(chunk).astype(np.float32)
+                bar.update(len(chunk))
 
     def close(self) -> None:
         if self._reader is not None:
             self._reader.close()
+
+
+def _rec_class_names(rec: str, num_classes: int) -> List[str]:
+    """Names of a rec's classes: ``classes.txt`` beside it (one name a line, line i = class i, written by
+    ``datasets.tools folder2rec``) when it has one line per class, else the class numbers as text."""
+    path = os.path.join(os.path.dirname(os.path.abspath(rec)), "classes.txt")
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            names = [line.rstrip("\n") for line in f]
+        while names and not names[-1]:
+            names.pop()
+        if len(names) == num_classes:
+            return names
+        logger.warning("%s has %d names for %d classes; using class numbers", path, len(names), num_classes)
+    return [str(i) for i in range(num_classes)]
 
 
 def _list_identity_folder(path: str, flag: str) -> Tuple[List[str], np.ndarray, List[str]]:
@@ -190,10 +215,11 @@ def list_images(path: str) -> List[str]:
 
 
 def extract(fx: FeatureExtractor, data: LabelledImages, indices: Optional[Sequence[int]] = None,
-            batch_size: int = 64, flip: bool = False) -> np.ndarray:
-    """Features (len(indices), D) of ``data``'s images (all when ``indices`` is None), un-normalised."""
+            batch_size: int = 64, flip: bool = False, progress: Optional[str] = "embed") -> np.ndarray:
+    """Features (len(indices), D) of ``data``'s images (all when ``indices`` is None), un-normalised.
+    ``progress``: description of the progress lines (None: silent)."""
     indices = np.arange(len(data)) if indices is None else np.asarray(indices)
-    outs = [fx(batch, flip=flip) for batch in data.batches(indices, batch_size)]
+    outs = [fx(batch, flip=flip) for batch in data.batches(indices, batch_size, progress)]
     return np.concatenate(outs) if outs else np.zeros((0, fx.dim), np.float32)
 
 

@@ -11,7 +11,13 @@ Commands::
     python recognition/linear_probe.py predict --probe probe.pkl --images a.jpg b.jpg
     python recognition/linear_probe.py predict --probe probe.pkl --data DIR     # labelled: also prints accuracy
 
-``--data`` is a folder with ``train.rec``/``train.idx`` (or a ``.rec`` path) or a folder of identity sub-folders.
+``--data`` is a folder with ``train.rec``/``train.idx`` (or a ``.rec`` path, with ``classes.txt`` beside it for
+names) or a folder of identity sub-folders.
+
+Open set: a face of someone the probe was not trained on still gets the nearest class, with a low score. ``train``
+sets ``unknown_threshold`` from its validation images: the top-1 score that ``--accept-rate`` (default 0.95) of the
+correctly classified validation images reach. ``predict`` answers ``unknown`` below it (``--threshold T``
+overrides, ``--threshold 0`` turns it off).
 The probe file is a pickle (a pickle runs code when loaded): load only probe files you made yourself.
 """
 from __future__ import annotations
@@ -32,6 +38,7 @@ from recognition.verification import EMBED_NODE
 PROBE_FORMAT = "insightface-finetune linear probe"
 PROBE_VERSION = 1
 CLASSIFIERS = ("logreg", "svm")
+UNKNOWN = "unknown"
 
 
 def stratified_split(labels: np.ndarray, val_fraction: float, seed: int = 0) -> Tuple[np.ndarray, np.ndarray]:
@@ -77,21 +84,35 @@ def features_for(fx: FeatureExtractor, images_or_data, normalize: bool, flip: bo
                  batch_size: int = 64) -> np.ndarray:
     """Probe features (N, D): extractor output (flip-summed if ``flip``), L2-normalised if ``normalize``."""
     if isinstance(images_or_data, LabelledImages):
-        feats = extract(fx, images_or_data, indices, batch_size, flip)
+        feats = extract(fx, images_or_data, indices, batch_size, flip, progress="linear probe: embed")
     else:
         feats = fx(np.asarray(images_or_data, dtype=np.float32), flip=flip)
     return l2_normalize(feats) if normalize else feats
 
 
+def unknown_threshold(scores: np.ndarray, correct: np.ndarray, accept_rate: float = 0.95) -> Optional[float]:
+    """Open-set threshold from validation: the top-1 score (N,) that ``accept_rate`` of the correctly classified
+    (``correct`` bool (N,)) validation images reach (their ``1 - accept_rate`` quantile, lower interpolation).
+    None without a correct validation image."""
+    good = np.sort(np.asarray(scores, dtype=np.float64)[np.asarray(correct, dtype=bool)])
+    if not len(good):
+        return None
+    return float(good[int(np.floor((1.0 - accept_rate) * (len(good) - 1)))])
+
+
 def train_probe(model: str, data: str, layer: Optional[str] = None, classifier: str = "logreg",
                 val_split: float = 0.2, c: float = 1.0, seed: int = 0, flip: bool = False,
-                normalize: Optional[bool] = None, ctx=None, batch_size: int = 64) -> Dict:
+                normalize: Optional[bool] = None, ctx=None, batch_size: int = 64,
+                accept_rate: float = 0.95) -> Dict:
     """Embed ``data`` with the frozen checkpoint ``model`` (``PREFIX,EPOCH``) and fit a classifier.
 
     Returns the probe dict (what :func:`save_probe` writes): ``format``, ``version``, ``model`` (absolute
     ``PREFIX,EPOCH``), ``layer``, ``normalize``, ``flip``, ``classifier``, ``class_names``, ``pipeline`` (sklearn),
-    ``feature_dim``, ``train_acc``, ``val_acc`` (None without validation), ``num_train``, ``num_val``.
+    ``feature_dim``, ``train_acc``, ``val_acc`` (None without validation), ``num_train``, ``num_val``,
+    ``unknown_threshold`` (see :func:`unknown_threshold`; None without validation) and ``accept_rate``.
     """
+    if not 0.0 < accept_rate <= 1.0:
+        raise ToolkitError(f"--accept-rate {accept_rate}: must be in (0, 1]")
     prefix, epoch = parse_prefix_epoch(model, "--model")
     images = LabelledImages(data)
     try:
@@ -107,12 +128,19 @@ def train_probe(model: str, data: str, layer: Optional[str] = None, classifier: 
     pipe = make_classifier(classifier, c, seed)
     pipe.fit(feats[train_idx], images.labels[train_idx])
     train_acc = float(np.mean(pipe.predict(feats[train_idx]) == images.labels[train_idx]))
-    val_acc = float(np.mean(pipe.predict(feats[val_idx]) == images.labels[val_idx])) if len(val_idx) else None
+    val_acc, threshold = None, None
+    if len(val_idx):
+        probe = {"pipeline": pipe, "class_names": list(images.class_names)}
+        _, val_scores, val_pred = predict_features(probe, feats[val_idx])
+        correct = val_pred == images.labels[val_idx]
+        val_acc = float(np.mean(correct))
+        threshold = unknown_threshold(val_scores, correct, accept_rate)
     return {"format": PROBE_FORMAT, "version": PROBE_VERSION, "model": f"{os.path.abspath(prefix)},{epoch}",
             "layer": fx.layer, "normalize": normalize, "flip": bool(flip), "classifier": classifier,
             "class_names": list(images.class_names), "pipeline": pipe, "feature_dim": int(feats.shape[1]),
             "train_acc": train_acc, "val_acc": val_acc, "num_train": int(len(train_idx)),
-            "num_val": int(len(val_idx)), "data_shape": list(fx.data_shape)}
+            "num_val": int(len(val_idx)), "data_shape": list(fx.data_shape), "unknown_threshold": threshold,
+            "accept_rate": float(accept_rate)}
 
 
 def save_probe(path: str, probe: Dict) -> str:
@@ -146,10 +174,12 @@ def probe_extractor(probe: Dict, ctx=None, batch_size: int = 64) -> FeatureExtra
                                             tuple(probe.get("data_shape", (3, 112, 112))))
 
 
-def predict_features(probe: Dict, feats: np.ndarray) -> Tuple[List[str], np.ndarray, np.ndarray]:
+def predict_features(probe: Dict, feats: np.ndarray,
+                     threshold: Optional[float] = None) -> Tuple[List[str], np.ndarray, np.ndarray]:
     """``(top-1 names, top-1 scores (N,), label ids (N,))`` for probe features (N, D).
 
-    Score = class probability (logreg) or the SVM decision value (svm).
+    Score = class probability (logreg) or the SVM decision value (svm). With ``threshold``, a score below it gives
+    the name ``unknown`` and the label id -1 (open set: someone the probe was not trained on).
     """
     pipe = probe["pipeline"]
     labels = pipe.predict(feats)
@@ -162,13 +192,26 @@ def predict_features(probe: Dict, feats: np.ndarray) -> Tuple[List[str], np.ndar
     col = np.searchsorted(pipe.classes_, labels)
     top = scores[np.arange(len(labels)), col]
     names = [probe["class_names"][int(k)] for k in labels]
-    return names, top.astype(np.float64), labels.astype(np.int64)
+    labels = labels.astype(np.int64)
+    if threshold is not None:
+        under = top < threshold
+        names = [UNKNOWN if u else n for n, u in zip(names, under)]
+        labels = np.where(under, -1, labels)
+    return names, top.astype(np.float64), labels
 
 
-def predict_images(probe: Dict, images: np.ndarray, ctx=None, batch_size: int = 64):
+def predict_images(probe: Dict, images: np.ndarray, ctx=None, batch_size: int = 64,
+                   threshold: Optional[float] = None):
     """Predict uint8/float (N, 3, H, W) RGB images -> see :func:`predict_features`."""
     fx = probe_extractor(probe, ctx, batch_size)
-    return predict_features(probe, features_for(fx, images, probe["normalize"], probe["flip"]))
+    return predict_features(probe, features_for(fx, images, probe["normalize"], probe["flip"]), threshold)
+
+
+def resolve_threshold(probe: Dict, flag: Optional[float]) -> Optional[float]:
+    """``--threshold``: None -> the probe's own ``unknown_threshold`` (older probe files have none), 0 -> off."""
+    if flag is None:
+        return probe.get("unknown_threshold")
+    return None if flag == 0 else float(flag)
 
 
 # --------------------------------------------------------------------------------------------------------- CLI
@@ -188,6 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--val-split", type=float, default=0.2, help="fraction of each identity held out (0: none)")
     t.add_argument("--flip", action="store_true", help="features of image + mirrored image (insightface style)")
     t.add_argument("--no-normalize", action="store_true", help="do not L2-normalise fc1 features")
+    t.add_argument("--accept-rate", type=float, default=0.95,
+                   help="open set: share of correctly classified validation images the 'unknown' threshold keeps")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--output", required=True, help="probe file to write (pickle)")
     p = sub.add_parser("predict", help="top-1 identity of new images")
@@ -196,6 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--images", nargs="+", help="aligned 112x112 face images")
     src.add_argument("--data", help="folder of images, or labelled data as for 'train' (then accuracy is shown)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of lines")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="answer 'unknown' under this top-1 score (default: the probe's own, from its validation "
+                        "data; 0: always name the nearest class)")
     for sp in (t, p):
         sp.add_argument("--ctx", default=None, help="device, e.g. cpu or gpu:0")
         sp.add_argument("--batch-size", type=int, default=64)
@@ -209,12 +257,15 @@ def _cmd_train(args) -> int:
     if not os.path.isdir(out_dir):
         raise ToolkitError(f"--output {args.output}: folder {out_dir} does not exist")
     probe = train_probe(args.model, args.data, args.layer, args.classifier, args.val_split, args.c, args.seed,
-                        args.flip, False if args.no_normalize else None, parse_ctx(args.ctx)[0], args.batch_size)
+                        args.flip, False if args.no_normalize else None, parse_ctx(args.ctx)[0], args.batch_size,
+                        args.accept_rate)
     save_probe(args.output, probe)
     val = "n/a" if probe["val_acc"] is None else f"{probe['val_acc']:.4f}"
+    thr = "none (no validation images)" if probe["unknown_threshold"] is None else \
+        f"{probe['unknown_threshold']:.4f} (keeps {probe['accept_rate']:.0%} of correct validation answers)"
     print(f"probe: {probe['classifier']} on {probe['layer']} ({probe['feature_dim']}-d, "
           f"{len(probe['class_names'])} identities); train acc {probe['train_acc']:.4f} on {probe['num_train']} "
-          f"images; val acc {val} on {probe['num_val']} images; saved {args.output}")
+          f"images; val acc {val} on {probe['num_val']} images; 'unknown' under score {thr}; saved {args.output}")
     return 0
 
 
@@ -235,17 +286,21 @@ def _cmd_predict(args) -> int:
             truth = [data.class_names[int(k)] for k in data.labels]
         finally:
             data.close()
-    names, scores, _ = predict_features(probe, feats)
+    threshold = resolve_threshold(probe, args.threshold)
+    names, scores, _ = predict_features(probe, feats, threshold)
     kind = "probability" if probe["classifier"] == "logreg" else "score"
     acc = None if truth is None else float(np.mean([a == b for a, b in zip(names, truth)]))
     if args.json:
         print(json.dumps({"predictions": [{"image": p, "name": n, kind: float(s)}
-                                          for p, n, s in zip(paths, names, scores)], "accuracy": acc}))
+                                          for p, n, s in zip(paths, names, scores)], "accuracy": acc,
+                          "threshold": threshold}))
         return 0
     for p, n, s in zip(paths, names, scores):
         print(f"{p}\t{n}\t{kind}={s:.4f}")
     if acc is not None:
-        print(f"accuracy {acc:.4f} on {len(paths)} labelled images")
+        unknown = sum(n == UNKNOWN for n in names)
+        print(f"accuracy {acc:.4f} on {len(paths)} labelled images ({unknown} answered unknown under "
+              f"{'no threshold' if threshold is None else f'{threshold:.4f}'})")
     return 0
 
 

@@ -257,17 +257,21 @@ def load_pretrained(spec: str, network: Optional[str] = None, emb_size: Optional
 
 
 def imprint_fc7(embed_fn: Callable[[np.ndarray], np.ndarray], data_iter, num_classes: int,
-                seed: int = 0) -> np.ndarray:
+                seed: int = 0, total: Optional[int] = None) -> np.ndarray:
     """Classifier weights from data: per class, the L2-normalised mean of L2-normalised embeddings.
 
     ``data_iter`` yields DataBatch with ``data[0]`` (B, 3, H, W) and ``label[0]`` (B,) class ids;
     ``embed_fn`` maps (B, 3, H, W) float32 to (B, E). Returns float32 (num_classes, E); classes without images
-    get a random unit vector (seeded) and a warning with their count.
+    get a random unit vector (seeded) and a warning with their count. ``total`` (the image count, when known)
+    gives the progress lines a percentage and an ETA.
     """
+    from recognition.progress import Progress
+
     if hasattr(data_iter, "reset"):
         data_iter.reset()
     sums: Optional[np.ndarray] = None
     counts = np.zeros(num_classes, dtype=np.int64)
+    bar = Progress(total, "imprint fc7", unit="img")
     for batch in data_iter:
         x = batch.data[0]
         x = x.asnumpy() if hasattr(x, "asnumpy") else np.asarray(x)
@@ -288,6 +292,8 @@ def imprint_fc7(embed_fn: Callable[[np.ndarray], np.ndarray], data_iter, num_cla
             sums = np.zeros((num_classes, emb.shape[1]), dtype=np.float64)
         np.add.at(sums, y, emb)
         counts += np.bincount(y, minlength=num_classes)
+        bar.update(n)
+    bar.close()
     if sums is None:
         raise ToolkitError("imprint fc7: the data iterator yielded no images")
     empty = counts == 0

@@ -213,6 +213,18 @@ class RunPlan:
         run starts from scratch; None when the graph comes from a checkpoint or a resume state."""
         return self.network if (self.network_explicit or not (self.pretrained or self.resume)) else None
 
+    @property
+    def network_built(self) -> str:
+        """What the embedding graph really is, for ``config.json`` and ``PREFIX-meta.json``: the registry name
+        (``--network``, or a run from scratch), else ``checkpoint graph of PREFIX,EPOCH`` (the pretrained
+        checkpoint's own graph, also when a run that started from one is resumed)."""
+        if self.graph_network:
+            return self.graph_network
+        source = self.pretrained or self.config.get("pretrained")
+        if source and not (self.resume and self.config.get("network_explicit")):
+            return f"checkpoint graph of {source}"
+        return str(self.network)
+
     def lr_at_step(self, step: int) -> float:
         """The scheduled lr of update ``step`` (0-based): :func:`scheduled_lr`."""
         return _stage_lr(step, self.lr, self.warmup_steps, self.stage_warmup, self.stages, self.lr_steps)

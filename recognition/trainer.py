@@ -112,8 +112,12 @@ class Trainer:
                                     batch_size=min(64, plan.per_batch_size), image_size=plan.image_size)
         if plan.resume:
             self._restore(plan.resume)
+        # the flat configuration, with "network" saying what was really built (a checkpoint's own graph is not the
+        # configuration's default network) and "built" the rest of what the graph and schedule turned out to be
+        built = self.built()
         with atomic_write(os.path.join(self.run_dir, "config.json"), "w") as f:
-            json.dump(dict(plan.config), f, indent=1, sort_keys=True, default=str)
+            json.dump(dict(plan.config, network=built["network"], built=built), f, indent=1, sort_keys=True,
+                      default=str)
 
     # -- setup ---------------------------------------------------------------------------------------------------
     @staticmethod
@@ -274,7 +278,7 @@ class Trainer:
         bs = max(b for b in range(1, min(n, 64) + 1) if n % b == 0)
         it = FaceImageIter(rec, bs, data_shape=self.plan.data_shape, shuffle=False, rand_mirror=False,
                            num_workers=self.plan.num_workers, seed=0)
-        w = imprint_fc7(embed, it, self.plan.num_classes)
+        w = imprint_fc7(embed, it, self.plan.num_classes, total=n)
         it.close()
         arg = dict(arg)
         arg[weight] = mx.nd.array(w)
@@ -334,10 +338,22 @@ class Trainer:
                                xnorm=float(r["xnorm"]))
         return results
 
+    def built(self) -> dict:
+        """What this run really built: ``network`` (registry name or ``checkpoint graph of PREFIX,EPOCH``),
+        ``emb_size``, ``prelu`` (training formulation and layer counts; checkpoints store the stock graph), ``loss``,
+        ``num_classes``, ``fc7_name`` and ``stages`` (name, steps or None = to the end, lr factor)."""
+        from recognition.backbones.fast_prelu import count_prelu
+
+        plan = self.plan
+        layers = count_prelu(self.embedding_symbol)
+        emb = int(self.embedding_symbol.infer_shape(data=(1,) + plan.data_shape)[1][0][1])
+        return dict(network=plan.network_built, emb_size=emb, loss=plan.loss, num_classes=plan.num_classes,
+                    fc7_name=self.fc7_name, pretrained=plan.pretrained or plan.config.get("pretrained"),
+                    prelu={"formulation": plan.prelu, "bn_layers": layers["bn"], "stock_layers": layers["stock"]},
+                    stages=[{"name": s.name, "steps": s.steps, "lr_mult": s.lr_mult} for s in plan.stages])
+
     def _meta(self) -> dict:
-        return dict(fc7_name=self.fc7_name, num_classes=self.plan.num_classes, loss=self.plan.loss,
-                    network=self.plan.network, emb_size=int(self.embedding_symbol.infer_shape(
-                        data=(1,) + self.plan.data_shape)[1][0][1]))
+        return self.built()
 
     def _save(self, epoch: int) -> Optional[str]:
         if self.rank > 0:

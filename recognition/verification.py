@@ -265,14 +265,14 @@ def embed_pairs(data_set, embed_fn: EmbedFn, batch_size: int = 32, progress: boo
     ``data_set`` is ``(data_list, issame)`` from :func:`load_bin` (``[images, mirrored]`` NDArrays) or from
     :func:`read_bin` wrapped as ``([uint8 images], issame)`` (mirrors are made per batch, saving memory).
     """
-    from tqdm import tqdm
+    from recognition.progress import Progress
 
     data_list, issame = data_set
     images = data_list[0]
     mirrored = data_list[1] if len(data_list) > 1 else None
     n = images.shape[0]
     embs: List[List[np.ndarray]] = [[], []]
-    bar = tqdm(total=n, desc=desc, unit="img", disable=not progress or not sys.stderr.isatty(), leave=False)
+    bar = Progress(n, desc, unit="img", enabled=progress)  # a bar on a terminal, timed log lines elsewhere
     for start in range(0, n, batch_size):
         batch = _as_numpy(images[start:start + batch_size])
         flip = _as_numpy(mirrored[start:start + batch_size]) if mirrored is not None else batch[:, :, :, ::-1]
