@@ -16,8 +16,22 @@ class ToolkitError(Exception):
     """A problem the user can fix (bad flag, missing file, wrong shape). Printed as one line, exit code 2."""
 
 
+VERBOSE_FLAGS = ("-v", "--mxnet-verbose")
+
+
 def run_cli(main: Callable[[Optional[Sequence[str]]], Optional[int]], argv: Optional[Sequence[str]] = None) -> int:
-    """Run ``main(argv)``; turn a :class:`ToolkitError` into one ``error: ...`` line on stderr and exit code 2."""
+    """Run ``main(argv)``; turn a :class:`ToolkitError` into one ``error: ...`` line on stderr and exit code 2.
+
+    ``-v`` (or ``--mxnet-verbose``), accepted by every command, is taken out of the arguments here and shows what
+    :mod:`recognition.quiet` filters (MXNet's INFO lines, third-party deprecation warnings). It is not
+    insightface's ``--verbose N`` (verification every N batches), which the train scripts keep.
+    """
+    args = list(sys.argv[1:] if argv is None else argv)
+    if any(a in VERBOSE_FLAGS for a in args):
+        from recognition.quiet import set_verbose
+
+        set_verbose(True)
+        argv = [a for a in args if a not in VERBOSE_FLAGS]
     try:
         rc = main(argv)
     except ToolkitError as exc:
