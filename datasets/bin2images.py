@@ -36,7 +36,8 @@ def bin2images(path: str, out_dir: str) -> dict:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m datasets.bin2images", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m datasets.bin2images", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--bin", required=True, help="verification NAME.bin")
     ap.add_argument("--out", required=True, help="output folder")
     args = ap.parse_args(argv)

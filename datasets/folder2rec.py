@@ -145,7 +145,8 @@ def folder2rec(src: str, out_dir: str, image_size: int = 112, identity_records: 
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m datasets.folder2rec", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m datasets.folder2rec", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--src", required=True, help="folder of identity sub-folders, or a .lst file")
     ap.add_argument("--out", required=True, help="output folder")
     ap.add_argument("--root", default=None, help="folder that .lst paths are relative to (default: the .lst's)")

@@ -76,7 +76,8 @@ def pairs2bin(pairs: str, out_bin: str, root: Optional[str] = None, image_size: 
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m datasets.pairs2bin", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m datasets.pairs2bin", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--pairs", required=True, help="pairs file ('path1 path2 issame' or LFW pairs.txt)")
     ap.add_argument("--out", required=True, help="output NAME.bin")
     ap.add_argument("--root", default=None, help="image folder (default: the pairs file's folder)")

@@ -43,7 +43,8 @@ def rec2folder(rec: str, out_dir: str) -> dict:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m datasets.rec2folder", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m datasets.rec2folder", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--rec", required=True, help="train.rec (train.idx next to it), or its folder")
     ap.add_argument("--out", required=True, help="output folder")
     args = ap.parse_args(argv)

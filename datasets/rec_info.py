@@ -102,7 +102,8 @@ def _print_bin(path: str, info: dict) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m datasets.rec_info", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m datasets.rec_info", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("rec", help="train.rec or its folder, or a verification .bin")
     ap.add_argument("--sample", type=int, default=16, help="images decoded to check their size")
     args = ap.parse_args(argv)

@@ -76,7 +76,8 @@ def slim_checkpoint(prefix: str, epoch: int, out_prefix: Optional[str] = None, o
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Cut a training checkpoint at fc1_output: drop fc7 and the loss.")
+    parser = argparse.ArgumentParser(description="Cut a training checkpoint at fc1_output: drop fc7 and the loss.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--model", required=True, help="checkpoint PREFIX,EPOCH (or PREFIX-0000.params)")
     parser.add_argument("--output", default=None,
                         help="output PREFIX[,EPOCH] (default: the input prefix + 's', epoch 0, as insightface)")

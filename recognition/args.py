@@ -163,9 +163,47 @@ def legacy_loss_values(args: argparse.Namespace) -> dict:
     return out
 
 
+class ConfigDefaultsHelpFormatter(argparse.HelpFormatter):
+    """``--help`` shows each flag's default from the configuration tree (the flags themselves default to None,
+    "not given", see the module docstring). A default that changes with ``--network``/``--loss``/``--dataset``
+    says so; a help text that already names its default is left as it is."""
+
+    _defaults: Optional[Dict[str, tuple]] = None
+
+    @classmethod
+    def config_defaults(cls) -> Dict[str, tuple]:
+        """``{key: (value, varies)}``: the default configuration and whether another network/loss/dataset
+        changes the value."""
+        if cls._defaults is None:
+            from recognition.train_config import resolve_config
+
+            base = resolve_config({})
+            others = [(key, resolve_config({key: value})) for key, value in
+                      (("network", "y1"), ("loss", "softmax"), ("dataset", "synth"), ("loss", "triplet"))]
+            cls._defaults = {k: (v, any(o.get(k) != v for key, o in others if key != k)) for k, v in base.items()}
+        return cls._defaults
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default not in (None, argparse.SUPPRESS) or not action.option_strings:
+            if action.default not in (None, False, [], argparse.SUPPRESS) and "%(default)" not in text \
+                    and "default" not in text and action.option_strings:
+                text += " (default: %(default)s)"
+            return text
+        known = self.config_defaults().get(action.dest)
+        if known is None or known[0] is False or known[0] in (None, "", [], ()):  # unset switches say nothing
+            return text
+        value, varies = known
+        shown = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else value
+        where = f"default {shown} with --network r100 --loss arcface --dataset emore; it depends on them" \
+            if varies else f"default: {shown}"
+        return f"{text} ({where})".replace("%", "%%")
+
+
 def build_parser(description: str, legacy: bool = False, prog: Optional[str] = None) -> argparse.ArgumentParser:
-    """Parser with every group; ``legacy`` swaps ``--loss`` for train_softmax.py's ``--loss-type`` flags."""
-    parser = argparse.ArgumentParser(prog=prog, description=description)
+    """Parser with every group; ``legacy`` swaps ``--loss`` for train_softmax.py's ``--loss-type`` flags.
+    ``--help`` shows the configuration defaults (:class:`ConfigDefaultsHelpFormatter`)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description, formatter_class=ConfigDefaultsHelpFormatter)
     add_model_args(parser)
     if legacy:
         add_legacy_loss_args(parser)
@@ -178,6 +216,6 @@ def build_parser(description: str, legacy: bool = False, prog: Optional[str] = N
     return parser
 
 
-__all__ = ["LOSS_TYPES", "add_model_args", "add_loss_args", "add_legacy_loss_args", "add_data_args",
-           "add_optim_args", "add_finetune_args", "add_run_args", "explicit_values", "legacy_loss_values",
-           "build_parser"]
+__all__ = ["ConfigDefaultsHelpFormatter", "LOSS_TYPES", "add_model_args", "add_loss_args", "add_legacy_loss_args",
+           "add_data_args", "add_optim_args", "add_finetune_args", "add_run_args", "explicit_values",
+           "legacy_loss_values", "build_parser"]

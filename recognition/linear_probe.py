@@ -215,12 +215,17 @@ def resolve_threshold(probe: Dict, flag: Optional[float]) -> Optional[float]:
 
 
 # --------------------------------------------------------------------------------------------------------- CLI
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """``--help`` with each flag's default and the description as written."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="linear_probe.py", description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     formatter_class=_HelpFormatter,
                                      epilog="The probe file is a pickle: load only probe files you made yourself.")
     sub = parser.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("train", help="embed labelled data with a frozen checkpoint and fit a classifier")
+    t = sub.add_parser("train", help="embed labelled data with a frozen checkpoint and fit a classifier",
+                       formatter_class=_HelpFormatter)
     t.add_argument("--model", required=True, help="frozen checkpoint PREFIX,EPOCH")
     t.add_argument("--data", required=True, help="DIR with train.rec/train.idx, a .rec, or a folder of identity "
                                                  "sub-folders")
@@ -235,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="open set: share of correctly classified validation images the 'unknown' threshold keeps")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--output", required=True, help="probe file to write (pickle)")
-    p = sub.add_parser("predict", help="top-1 identity of new images")
+    p = sub.add_parser("predict", help="top-1 identity of new images", formatter_class=_HelpFormatter)
     p.add_argument("--probe", required=True, help="probe file from 'train' (a pickle: your own files only)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--images", nargs="+", help="aligned 112x112 face images")
