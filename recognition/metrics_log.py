@@ -24,14 +24,15 @@ logger = logging.getLogger("recognition")
 
 
 class Series:
-    """The curves' data in bounded memory: training loss/accuracy as at most ``max_points`` bucket means (when
-    full, neighbouring buckets merge and the bucket width doubles), every verification result as it is.
+    """The curves' data in bounded memory: training loss/accuracy/lr as at most ``max_points`` bucket means (when
+    full, neighbouring buckets merge and the bucket width doubles), every verification result as it is, and
+    ``stages``: ``[(first step, stage name)]``, one entry per change of stage.
 
     The curves PNG is redrawn every verification round; drawing it from the whole ``metrics.jsonl`` made each
     round read and plot every step so far (time and transient memory growing with the run's length).
     """
 
-    FIELDS = ("loss", "acc", "acc_nomargin")
+    FIELDS = ("loss", "acc", "acc_nomargin", "lr")
 
     def __init__(self, max_points: int = 2000):
         if max_points < 2:
@@ -39,6 +40,7 @@ class Series:
         self.max_points, self.width = int(max_points), 1
         self.points: List[list] = []  # [last step, count, (sum, n) per field ...]
         self.verify: Dict[str, List[tuple]] = {}
+        self.stages: List[tuple] = []
 
     def add(self, rec: dict) -> None:
         """Take one metrics record (``train`` and ``verify`` kinds are kept, others ignored)."""
@@ -48,6 +50,9 @@ class Series:
             return
         if kind != "train":
             return
+        stage = rec.get("stage")
+        if stage is not None and (not self.stages or self.stages[-1][1] != stage):
+            self.stages.append((rec["step"], stage))
         if not self.points or self.points[-1][1] >= self.width:
             self.points.append([rec["step"], 0] + [0.0, 0] * len(self.FIELDS))
             if len(self.points) > self.max_points:
@@ -185,7 +190,8 @@ def plot_curves(metrics_path: str, png_path: str) -> Optional[str]:
 
 
 def plot_series(series: Series, png_path: str) -> Optional[str]:
-    """Draw ``series`` (loss, training accuracy with and without margin, verification accuracy against step)."""
+    """Draw ``series``: loss, training accuracy with and without margin, verification accuracy and the learning
+    rate against step; a dashed line marks where each stage after the first starts (its name at the top)."""
     loss = series.series("loss")
     if not loss:
         return None
@@ -195,7 +201,7 @@ def plot_series(series: Series, png_path: str) -> Optional[str]:
     import matplotlib.pyplot as plt
 
     verify = series.verify
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4))
     axes[0].plot(*zip(*loss), lw=0.8)
     axes[0].set_title("training loss" + (f" (means of {series.width} steps)" if series.width > 1 else ""))
     accs = series.series("acc")
@@ -211,9 +217,17 @@ def plot_series(series: Series, png_path: str) -> Optional[str]:
     if verify:
         axes[2].legend()
     axes[2].set_title("verification accuracy")
+    lrs = series.series("lr")
+    if lrs:
+        axes[3].plot(*zip(*lrs), lw=0.8, color="tab:green")
+    axes[3].set_title("learning rate")
     for ax in axes:
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
+        for step, name in series.stages[1:]:  # the step logged first in a stage: the boundary is just before it
+            ax.axvline(step - 0.5, color="grey", ls="--", lw=0.8)
+            ax.text(step - 0.5, 1.0, f" {name}", transform=ax.get_xaxis_transform(), fontsize=8, va="top",
+                    color="grey")
     fig.tight_layout()
     with atomic_write(png_path, "wb") as f:
         fig.savefig(f, format="png", dpi=80)

@@ -50,18 +50,20 @@ def _emit_default(line: str) -> None:
 
 
 class Progress:
-    """Counts ``update(n)`` calls towards ``total`` (None: unknown, no percentage or ETA).
+    """Counts ``update(n)`` calls towards ``total`` (None: unknown, no percentage or ETA); a line at most every
+    ``every`` seconds (default :data:`EVERY_SECONDS`).
 
     ``bar``: None decides by :func:`stdout_is_tty`; True/False forces a tqdm bar / log lines. ``enabled=False``
     shows nothing. ``emit`` receives each log line (default: the ``recognition.progress`` logger when logging is
     set up, else stderr). ``clock`` is ``time.monotonic`` (tests pass a fake one).
     """
 
-    def __init__(self, total: Optional[int], desc: str, unit: str = "img", every: float = EVERY_SECONDS,
+    def __init__(self, total: Optional[int], desc: str, unit: str = "img", every: Optional[float] = None,
                  enabled: bool = True, bar: Optional[bool] = None, emit: Optional[Callable[[str], None]] = None,
                  clock: Callable[[], float] = time.monotonic):
         self.total = None if total is None else int(total)
-        self.desc, self.unit, self.every = desc, unit, float(every)
+        self.desc, self.unit = desc, unit
+        self.every = float(EVERY_SECONDS if every is None else every)
         self.enabled = enabled
         self.count = 0
         self._emit = emit or _emit_default
