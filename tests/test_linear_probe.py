@@ -193,3 +193,80 @@ def test_folder_data_matches_rec(tiny_ckpt, probe_data, tmp_path):
     np.testing.assert_array_equal(folder_data.labels, rec_data.labels)
     np.testing.assert_allclose(extract(fx, folder_data), extract(fx, rec_data), rtol=1e-5, atol=1e-5)
     rec_data.close()
+
+
+def test_unknown_threshold_is_the_quantile_of_correct_validation_scores():
+    from recognition.linear_probe import unknown_threshold
+
+    rng = np.random.RandomState(0)
+    scores, correct = rng.rand(200), rng.rand(200) < 0.8
+    for rate in (0.95, 0.5, 1.0):
+        ref = np.percentile(scores[correct], 100 * (1 - rate), method="lower")
+        assert unknown_threshold(scores, correct, rate) == ref
+    assert unknown_threshold(scores, np.zeros(200, bool)) is None
+
+
+def test_open_set_unknown_under_the_probe_threshold(tiny_ckpt, probe_data, tmp_path, capsys):
+    """train sets unknown_threshold from its validation split (checked against an independent sklearn fit);
+    predict answers 'unknown' under it, --threshold overrides, 0 turns it off."""
+    import json
+
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from recognition import linear_probe as lp
+
+    data_dir = os.path.dirname(probe_data["rec"])
+    out = str(tmp_path / "probe.pkl")
+    assert run_cli(lp.main, ["train", "--model", f"{tiny_ckpt},0", "--data", data_dir, "--val-split", "0.5",
+                             "--accept-rate", "0.5", "--output", out]) == 0
+    assert "'unknown' under score" in capsys.readouterr().out
+    probe = lp.load_probe(out)
+    images, labels = _rec_images(probe_data["rec"])
+    feats = _bind_output(tiny_ckpt, "fc1_output", images)
+    feats = feats / np.linalg.norm(feats, axis=1, keepdims=True)
+    tr, va = lp.stratified_split(labels, 0.5, seed=0)
+    ref = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, random_state=0)).fit(feats[tr],
+                                                                                               labels[tr])
+    proba = ref.predict_proba(feats[va])
+    good = proba.argmax(1) == labels[va]
+    expected = np.percentile(proba.max(1)[good], 50, method="lower")
+    assert probe["unknown_threshold"] == pytest.approx(expected, rel=1e-3)
+
+    names, scores, ids = lp.predict_features(probe, feats)
+    open_names, _, open_ids = lp.predict_features(probe, feats, probe["unknown_threshold"])
+    under = scores < probe["unknown_threshold"]
+    assert under.any() and not under.all()
+    assert open_names == [lp.UNKNOWN if u else n for n, u in zip(names, under)]
+    np.testing.assert_array_equal(open_ids, np.where(under, -1, ids))
+
+    assert run_cli(lp.main, ["predict", "--probe", out, "--data", data_dir, "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["threshold"] == probe["unknown_threshold"]
+    assert sum(p["name"] == "unknown" for p in got["predictions"]) == int(
+        (np.asarray([p["probability"] for p in got["predictions"]]) < probe["unknown_threshold"]).sum()) > 0
+    assert run_cli(lp.main, ["predict", "--probe", out, "--data", data_dir, "--json", "--threshold", "0"]) == 0
+    assert all(p["name"] != "unknown" for p in json.loads(capsys.readouterr().out)["predictions"])
+    assert run_cli(lp.main, ["predict", "--probe", out, "--data", data_dir, "--threshold", "1.01"]) == 0
+    text = capsys.readouterr().out
+    assert "(30 answered unknown under 1.0100)" in text  # a probability never reaches 1.01
+
+
+def test_rec_names_from_classes_txt(probe_data, tmp_path, caplog):
+    import shutil
+
+    from recognition.features import LabelledImages
+
+    for name in ("train.rec", "train.idx", "property"):
+        shutil.copy(os.path.join(os.path.dirname(probe_data["rec"]), name), tmp_path / name)
+    names = ["ada", "bob", "cy", "dee", "eve"]
+    (tmp_path / "classes.txt").write_text("".join(n + "\n" for n in names))
+    data = LabelledImages(str(tmp_path))
+    assert data.class_names == names
+    data.close()
+    (tmp_path / "classes.txt").write_text("ada\nbob\n")
+    data = LabelledImages(str(tmp_path))
+    assert data.class_names == [str(i) for i in range(5)]
+    data.close()
+    assert "has 2 names for 5 classes; using class numbers" in caplog.text
