@@ -38,17 +38,21 @@ recipe_demo() {
     --verbose $(((HEAD + ALL) / 3)) --frequent 30 --ckpt 2 --eval-pretrained --prefix "$OUT/models/ft/model"
   local ft_epoch; ft_epoch=$(latest_epoch "$OUT/models/ft/model")
   $PY deploy/model_slim.py --model "$OUT/models/ft/model,$ft_epoch"
-  echo "demo done: fine-tuned model $OUT/models/ft/model,$ft_epoch (curves: $OUT/models/ft/curves.png)"
+  echo "demo done: fine-tuned slim model $OUT/models/ft/models,0 (full checkpoint $OUT/models/ft/model,$ft_epoch;" \
+    "curves: $OUT/models/ft/curves.png)"
 }
 
 recipe_finetune() {
   # Two-stage fine-tuning of a pretrained checkpoint on a new rec:
   #   PRETRAINED=../models/model-y1-test2/model,0 DATA_DIR=../datasets/mine bash run.sh finetune
+  # Without TARGETS the dataset's default sets (lfw, cfp_fp, agedb_30) are verified where DATA_DIR has their .bin
+  # (a missing one is skipped with a warning); TARGETS=lfw,mine_val names them (then each must exist).
   : "${PRETRAINED:?set PRETRAINED=PREFIX,EPOCH}" "${DATA_DIR:?set DATA_DIR=folder with train.rec/property}"
-  local LOSS=${LOSS:-arcface} TARGETS=${TARGETS:-lfw} HEAD=${HEAD_STEPS:-2000} ALL=${ALL_STEPS:-20000}
-  $PY recognition/train.py --loss "$LOSS" --data-dir "$DATA_DIR" --target "$TARGETS" \
+  local LOSS=${LOSS:-arcface} HEAD=${HEAD_STEPS:-2000} ALL=${ALL_STEPS:-20000}
+  # the head stage at 0.1x the lr: an imprinted classifier is already fitted (see recipe_demo)
+  $PY recognition/train.py --loss "$LOSS" --data-dir "$DATA_DIR" ${TARGETS:+--target "$TARGETS"} \
     --pretrained "$PRETRAINED" ${NETWORK:+--network "$NETWORK"} --fc7-init "${FC7_INIT:-imprint}" \
-    --stages "head:$HEAD,all:$ALL" --lr "${LR:-0.01}" --backbone-lr-mult "${BACKBONE_LR_MULT:-1.0}" \
+    --stages "head:$HEAD@${HEAD_LR_MULT:-0.1},all:$ALL" --lr "${LR:-0.01}" --backbone-lr-mult "${BACKBONE_LR_MULT:-1.0}" \
     --per-batch-size "${PER_BATCH_SIZE:-64}" --verbose "${VERBOSE:-1000}" --ckpt "${CKPT:-3}" --eval-pretrained \
     --models-root "${MODELS_ROOT:-./models}" "$@"
 }

@@ -79,7 +79,8 @@ def _records(n, seed=0):
     rng = np.random.RandomState(seed)
     out = []
     for step in range(1, n + 1):
-        rec = {"kind": "train", "step": step, "loss": float(rng.rand() * 5), "acc": float(rng.rand())}
+        rec = {"kind": "train", "step": step, "loss": float(rng.rand() * 5), "acc": float(rng.rand()),
+               "lr": 0.1 * 0.1 ** (step // 4000), "stage": "head" if step <= 500 else "all"}
         if step % 3:  # acc_nomargin only on some steps: its means must use its own counts
             rec["acc_nomargin"] = float(rng.rand())
         out.append(rec)
@@ -108,6 +109,7 @@ def test_series_stays_bounded_and_its_means_are_exact():
     counts = [p[1] for p in s.points]
     assert sum(counts) == 10007 and max(counts) == 128
     assert s.verify == {"lfw": [(r["step"], r["acc"]) for r in recs if r["kind"] == "verify"]}
+    assert s.stages == [(1, "head"), (501, "all")]  # one entry per change of stage, however long the run
 
 
 def test_metrics_log_series_matches_the_file_and_survives_resume(tmp_path):
