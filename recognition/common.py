@@ -251,14 +251,12 @@ def load_checkpoint(prefix: str, epoch: int, need_symbol: bool = True):
     if need_symbol:
         if not os.path.isfile(sym_path):
             raise ToolkitError(f"checkpoint symbol {sym_path} does not exist (params found at {params_path})")
-        try:
-            symbol = mx.sym.load(sym_path)
-        except Exception as exc:  # MXNetError with a C++ stack: keep the first line only
-            raise ToolkitError(f"{sym_path}: not a readable MXNet symbol ({str(exc).splitlines()[0]})") from None
+        symbol = load_symbol(sym_path)
     try:
         saved = mx.nd.load(params_path)
-    except Exception as exc:
-        raise ToolkitError(f"{params_path}: not a readable MXNet params file ({str(exc).splitlines()[0]})") from None
+    except Exception as exc:  # MXNet says "Invalid NDArray file format" (first line "Traceback ..."): find the cause
+        cause = params_problem(params_path) or mxnet_error_line(exc)
+        raise ToolkitError(f"{params_path}: not a readable MXNet params file ({cause})") from None
     if not isinstance(saved, dict):
         raise ToolkitError(f"{params_path}: holds an unnamed array list, not a checkpoint")
     arg_params, aux_params = {}, {}
@@ -272,6 +270,111 @@ def load_checkpoint(prefix: str, epoch: int, need_symbol: bool = True):
             (aux_params if name.endswith(("moving_mean", "moving_var", "running_mean", "running_var"))
              else arg_params)[key] = value
     return symbol, arg_params, aux_params
+
+
+def mxnet_error_line(exc: BaseException) -> str:
+    """The informative line of an MXNet error (its text starts with "Traceback ..." and C++ file lines)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        if not ln.startswith(("Traceback", "File ", "[bt]", "Stack trace")):
+            return ln.replace("MXNetError: ", "")
+    return type(exc).__name__
+
+
+def load_symbol(sym_path: str):
+    """``mx.sym.load`` with the cause of a failure kept: not UTF-8 (byte N), not JSON (line, column), not a graph."""
+    import json
+
+    import mxnet as mx
+
+    with open(sym_path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ToolkitError(f"{sym_path}: not UTF-8 text (byte {exc.start} is 0x{raw[exc.start]:02x}); "
+                           "expected an MXNet symbol JSON") from None
+    try:
+        graph = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ToolkitError(f"{sym_path}: not JSON at line {exc.lineno} column {exc.colno} ({exc.msg})") from None
+    if not isinstance(graph, dict) or not isinstance(graph.get("nodes"), list) or "heads" not in graph:
+        raise ToolkitError(f"{sym_path}: JSON but not an MXNet symbol graph (no 'nodes' list and 'heads')")
+    try:
+        return mx.sym.load_json(text)
+    except Exception as exc:
+        raise ToolkitError(f"{sym_path}: not a readable MXNet symbol ({mxnet_error_line(exc)})") from None
+
+
+# mx.nd.save's layout (src/ndarray/ndarray.cc): u64 0x112, u64 0, u64 count, count arrays, u64 count, names.
+# An array (V2/V3 magic): u32 magic, i32 storage type, u32 ndim, i64 dims[ndim], then (ndim > 0) i32 dev_type,
+# i32 dev_id, i32 dtype flag and the data.
+_ND_LIST_MAGIC = 0x112
+_ND_MAGICS = (0xF993FAC9, 0xF993FACA)
+_ND_ITEMSIZE = {0: 4, 1: 8, 2: 2, 3: 1, 4: 4, 5: 1, 6: 8, 7: 1, 12: 2}
+
+
+def params_problem(path: str) -> Optional[str]:
+    """Walk a ``.params`` file's layout without loading it; returns what is wrong (``truncated at byte N (expected
+    M)``, a bad magic at byte N, trailing bytes) or ``None`` when the layout is sound (or a kind this walk skips)."""
+    import struct
+
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        data = f.read()  # only called after MXNet refused the file: clarity over memory here
+    pos = 0
+
+    def take(fmt: str, what: str):
+        nonlocal pos
+        n = struct.calcsize(fmt)
+        if pos + n > size:
+            raise _Short(pos + n, what)
+        out = struct.unpack_from(fmt, data, pos)
+        pos += n
+        return out
+
+    try:
+        magic, _ = take("<QQ", "the file header")
+        if magic != _ND_LIST_MAGIC:
+            return f"byte 0: magic 0x{magic:x} is not an MXNet params file (0x112)"
+        (count,) = take("<Q", "the array count")
+        for i in range(count):
+            start = pos
+            amagic, stype = take("<Ii", f"array {i}")
+            if amagic not in _ND_MAGICS:
+                return f"byte {start}: array {i} has magic 0x{amagic:x}, not an NDArray header"
+            if stype not in (0, -1):
+                return None  # sparse storage: leave it to MXNet
+            (ndim,) = take("<i", f"array {i} shape")
+            dims = take(f"<{max(ndim, 0)}q", f"array {i} shape") if ndim > 0 else ()
+            if ndim <= 0:
+                continue
+            _, _, flag = take("<iii", f"array {i} context")
+            if flag not in _ND_ITEMSIZE or min(dims) < 0:
+                return f"byte {start}: array {i} has dtype flag {flag} / shape {tuple(dims)}, not a valid array"
+            nbytes = _ND_ITEMSIZE[flag]
+            for d in dims:
+                nbytes *= d
+            if pos + nbytes > size:
+                raise _Short(pos + nbytes, f"array {i} data")
+            pos += nbytes
+        (nnames,) = take("<Q", "the name count")
+        for i in range(nnames):
+            (n,) = take("<Q", f"name {i}")
+            if pos + n > size:
+                raise _Short(pos + n, f"name {i}")
+            pos += n
+    except _Short as short:
+        return f"truncated at byte {size} (expected {short.need}): {short.what} is cut short"
+    if pos != size:
+        return f"{size - pos} unexpected bytes after the end of the data at byte {pos}"
+    return None
+
+
+class _Short(Exception):
+    def __init__(self, need: int, what: str):
+        super().__init__(what)
+        self.need, self.what = need, what
 
 
 def symbol_json(symbol) -> str:
