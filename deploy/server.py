@@ -30,6 +30,7 @@ import base64
 import binascii
 import logging
 import os
+import socket
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -159,49 +160,56 @@ class FaceService:
         self.app = create_app(model, gallery, settings, api_key)
         config = uvicorn.Config(self.app, host=host, port=int(port), http=protocol_with_header_timeout(header_timeout),
                                 timeout_keep_alive=float(idle_timeout), limit_concurrency=int(max_connections),
-                                log_level="warning", access_log=False, lifespan="off", ws="none")
+                                log_level="warning", access_log=False, lifespan="off", ws="none",
+                                log_config=None)  # the toolkit's logging as configured, not uvicorn's
         self.server = uvicorn.Server(config)
         self._thread: Optional[threading.Thread] = None
-        self.port: Optional[int] = None
+        self._port_wanted, self.port, self._closed = int(port), None, False
 
     @property
     def url(self) -> str:
         return f"http://{self.host if ':' not in self.host else '[' + self.host + ']'}:{self.port}"
 
-    def _bound_port(self) -> int:
-        return int(self.server.servers[0].sockets[0].getsockname()[1])
+    def _bind(self) -> socket.socket:
+        """Listen before uvicorn runs, so that a bad address is one line here (uvicorn would ``sys.exit``)."""
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((self.host, self._port_wanted))
+            sock.listen(2048)
+        except OSError as exc:
+            sock.close()
+            self.close()
+            raise ToolkitError(f"--host {self.host} --port {self._port_wanted}: cannot listen "
+                               f"({exc.strerror or exc})") from None
+        sock.set_inheritable(True)
+        self.port = int(sock.getsockname()[1])
+        return sock
 
     def start(self, timeout: float = 30.0) -> "FaceService":
-        self._thread = threading.Thread(target=self.server.run, name="face-service", daemon=True)
+        """Serve from a background thread; returns once the service accepts connections."""
+        sock = self._bind()
+        self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, name="face-service",
+                                        daemon=True)
         self._thread.start()
         for _ in range(int(timeout * 50)):
-            if self.server.started:
-                self.port = self._bound_port()
-                return self
-            if not self._thread.is_alive():
+            if self.server.started or not self._thread.is_alive():
                 break
             self._thread.join(0.02)
-        self.close()
-        raise ToolkitError(f"--host {self.host}: the service did not start (address in use or not available)")
+        if not self.server.started:
+            self.stop()
+            raise ToolkitError(f"--host {self.host} --port {self.port}: the service did not start")
+        return self
 
     def serve(self) -> None:
-        self.server.config.callback_notify = None
+        """Serve in this thread until SIGINT/SIGTERM."""
+        sock = self._bind()
+        logger.info("serving on %s (gallery %s: %d embeddings)", self.url, self.gallery.db_path, self.gallery.size())
         try:
-            asyncio.run(self._serve())
+            self.server.run(sockets=[sock])
         finally:
             self.close()
-
-    async def _serve(self) -> None:
-        config = self.server.config
-        if not config.loaded:
-            config.load()
-        await self.server.startup()
-        if self.server.should_exit:  # bind failed: uvicorn logged it
-            raise ToolkitError(f"--host {self.host}: cannot listen (address in use or not available)")
-        self.port = self._bound_port()
-        logger.info("serving on %s (gallery %s: %d embeddings)", self.url, self.gallery.db_path, self.gallery.size())
-        await self.server.main_loop()
-        await self.server.shutdown()
 
     def stop(self) -> None:
         self.server.should_exit = True
@@ -210,8 +218,10 @@ class FaceService:
         self.close()
 
     def close(self) -> None:
-        self.app.inference.close()
-        self.gallery.close()
+        if not self._closed:
+            self._closed = True
+            self.app.inference.close()
+            self.gallery.close()
 
 
 def make_server(model, db_path: str, host: str = "127.0.0.1", port: int = 8080, api_key: Optional[str] = None,
