@@ -153,7 +153,8 @@ def _check_expanded(obj: object, path: str, budget: int) -> None:
                                f"counted, more than the file holds (a pickle reusing one large object)")
 
 
-def safe_load_pickle(path: str) -> object:
+def safe_load_pickle(path: str, max_image_bytes: int = MAX_IMAGE_BYTES,
+                     max_image_pixels: int = MAX_IMAGE_PIXELS) -> object:
     """Unpickle ``path`` with :class:`_SafeUnpickler` within the bounds above; errors become one-line
     :class:`ToolkitError` naming the file."""
     if not os.path.isfile(path):
@@ -170,22 +171,23 @@ def safe_load_pickle(path: str) -> object:
     if isinstance(obj, (tuple, list)) and len(obj) == 2 and isinstance(obj[0], (list, tuple)):
         for i, im in enumerate(obj[0]):  # every reader decodes these next: refuse bombs before it does
             if isinstance(im, (bytes, bytearray, np.ndarray)):
-                bin_image_bytes(im, path, i)
+                bin_image_bytes(im, path, i, max_image_bytes, max_image_pixels)
     return obj
 
 
 def bin_image_bytes(im: object, path: str, i: int, max_bytes: int = MAX_IMAGE_BYTES,
-                    max_pixels: int = MAX_IMAGE_PIXELS) -> bytes:
+                    max_pixels: int = MAX_IMAGE_PIXELS, check: bool = True) -> bytes:
     """Image ``i`` of a ``.bin`` as encoded bytes, refused (one line) past ``max_bytes`` or ``max_pixels``."""
     if isinstance(im, np.ndarray):
-        if im.nbytes > max_bytes:
+        if check and im.nbytes > max_bytes:
             raise ToolkitError(f"{path}: image {i} of {im.nbytes} bytes exceeds the limit of {max_bytes} bytes")
         im = im.tobytes()
     if isinstance(im, str):
         im = im.encode("latin1")
     if not isinstance(im, (bytes, bytearray)):
         raise ToolkitError(f"{path}: image {i} is a {type(im).__name__}, expected encoded bytes")
-    check_image(im, f"{path}: image {i}", max_bytes, max_pixels)
+    if check:
+        check_image(im, f"{path}: image {i}", max_bytes, max_pixels)
     return bytes(im)
 
 
@@ -197,13 +199,13 @@ def safe_load_bin_pickle(path: str, max_image_bytes: int = MAX_IMAGE_BYTES,
     Checks: two lists, ``len(images) == 2 * len(issame)``, every image within ``max_image_bytes`` encoded and
     ``max_image_pixels`` declared in its header (read without decoding).
     """
-    obj = safe_load_pickle(path)
+    obj = safe_load_pickle(path, max_image_bytes, max_image_pixels)  # checks every image against the limits
     if not isinstance(obj, (tuple, list)) or len(obj) != 2:
         raise ToolkitError(f"{path}: expected a pickle of (images, issame), got {type(obj).__name__}")
     images, issame = obj
     if not isinstance(images, (list, tuple)) or not isinstance(issame, (list, tuple, np.ndarray)):
         raise ToolkitError(f"{path}: expected two lists (images, issame)")
-    out = [bin_image_bytes(im, path, i, max_image_bytes, max_image_pixels) for i, im in enumerate(images)]
+    out = [bin_image_bytes(im, path, i, check=False) for i, im in enumerate(images)]
     flags = [bool(x) for x in issame]
     if len(out) != 2 * len(flags):
         raise ToolkitError(f"{path}: {len(out)} images for {len(flags)} pairs; expected exactly 2 images per pair")
