@@ -2,13 +2,16 @@
 
     python benchmarks/bench_deploy.py embed                       # ms per face: get_feature and get_features
     python benchmarks/bench_deploy.py server --requests 6000      # server RSS every 1,000 /detectFace calls
+    python benchmarks/bench_deploy.py gallery --rows 1000000      # open a 1M-row gallery, time one 1:N match
 
 ``embed`` times ``FaceModel.get_feature`` (one face, the usual deploy call) and ``get_features`` at several batch
 sizes, and prints the largest difference between the single and batched embeddings. ``server`` starts
 ``deploy/server.py`` in a child process, registers one face, posts ``/detectFace`` ``--requests`` times and prints the
-server's resident memory (``VmRSS``) every ``--every`` requests; a flat line is the goal. The model is the real
-``../shared/fixtures/model-y1-test2`` checkpoint unless ``--model PREFIX,EPOCH`` is given. Figures on a shared
-machine are noisy: compare like with like.
+server's resident memory (``VmRSS``) every ``--every`` requests; a flat line is the goal. ``gallery`` writes an SQLite
+gallery of ``--rows`` random unit embeddings (``--dim``, 128 = y1's) in the service's format, then times opening it
+(every row read in bulk and checked) and a 1:N match. Concurrency and slow clients: ``benchmarks/load_server.py``.
+The model is the real ``../shared/fixtures/model-y1-test2`` checkpoint unless ``--model PREFIX,EPOCH`` is given.
+Figures on a shared machine are noisy: compare like with like.
 """
 from __future__ import annotations
 
@@ -68,13 +71,15 @@ def bench_server(model_spec: str, requests: int, every: int, port: int, workdir:
     for suffix in ("", "-wal", "-shm"):
         if os.path.exists(db + suffix):
             os.remove(db + suffix)
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "deploy", "server.py"), "--model", model_spec,
-                             "--db", db, "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    key = "bench-deploy-key-0123"
+    proc = subprocess.Popen([sys.executable, "-m", "deploy.server", "--model", model_spec, "--db", db, "--port",
+                             str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT,
+                            env=dict(os.environ, IFR_API_KEY=key))
     url = f"http://127.0.0.1:{port}"
 
     def post(path: str, body: dict) -> dict:
         req = urllib.request.Request(url + path, data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
+                                     headers={"Content-Type": "application/json", "X-API-Key": key})
         with urllib.request.urlopen(req, timeout=60) as resp:
             return json.loads(resp.read())
 
@@ -104,9 +109,49 @@ def bench_server(model_spec: str, requests: int, every: int, port: int, workdir:
         proc.wait(30)
 
 
+def bench_gallery(rows: int, dim: int, workdir: str) -> None:
+    import sqlite3
+
+    from deploy.gallery import FaceGallery
+
+    db = os.path.join(workdir, f"bench-gallery-{rows}.sqlite")
+    for suffix in ("", "-wal", "-shm"):
+        if os.path.exists(db + suffix):
+            os.remove(db + suffix)
+    FaceGallery(db).close()  # the service's schema
+    rng = np.random.RandomState(0)
+    t = time.perf_counter()
+    con = sqlite3.connect(db)
+    for start in range(0, rows, 100_000):
+        x = rng.normal(size=(min(100_000, rows - start), dim)).astype(np.float32)
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        con.executemany("INSERT INTO faces (name, dim, embedding) VALUES (?, ?, ?)",
+                        ((f"id{(start + i) // 5}", dim, r.tobytes()) for i, r in enumerate(x)))
+        con.commit()
+    con.close()
+    print(f"wrote {rows} rows x {dim} in {time.perf_counter() - t:.1f} s ({os.path.getsize(db) / 2 ** 20:.0f} MB)")
+    t = time.perf_counter()
+    g = FaceGallery(db)
+    print(f"open (bulk read + every row checked): {time.perf_counter() - t:.2f} s, {g.size()} rows, "
+          f"process RSS {_rss_mb(os.getpid()):.0f} MB", flush=True)
+    q = rng.normal(size=dim).astype(np.float32)
+    q /= np.linalg.norm(q)
+    g.match(q)
+    t = time.perf_counter()
+    for _ in range(10):
+        g.match(q)
+    print(f"1:N match: {(time.perf_counter() - t) / 10 * 1e3:.1f} ms per query")
+    g.close()
+    for suffix in ("", "-wal", "-shm"):
+        if os.path.exists(db + suffix):
+            os.remove(db + suffix)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="benchmarks/bench_deploy.py", description=__doc__.split("\n\n")[0])
-    ap.add_argument("what", choices=("embed", "server"))
+    ap.add_argument("what", choices=("embed", "server", "gallery"))
+    ap.add_argument("--rows", type=int, default=1_000_000, help="gallery: rows to write and load")
+    ap.add_argument("--dim", type=int, default=128, help="gallery: embedding size")
     ap.add_argument("--model", default=FIXTURE, help="PREFIX,EPOCH (default: the shared y1 fixture)")
     ap.add_argument("--batch-sizes", default="1,8,32", help="embed: FaceModel batch sizes to time")
     ap.add_argument("--requests", type=int, default=6000, help="server: /detectFace calls")
@@ -116,7 +161,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = ap.parse_args(argv)
     if args.model == FIXTURE and not os.path.isfile(FIXTURE.rsplit(",", 1)[0] + "-symbol.json"):
         raise ToolkitError(f"--model: the default fixture {FIXTURE} is absent; give --model PREFIX,EPOCH")
-    if args.what == "embed":
+    if args.what == "gallery":
+        if args.rows < 1 or args.dim < 1:
+            raise ToolkitError("--rows and --dim must be >= 1")
+        bench_gallery(args.rows, args.dim, args.work)
+    elif args.what == "embed":
         bench_embed(args.model, [int(b) for b in args.batch_sizes.split(",") if b.strip()])
     else:
         if args.requests < 1 or args.every < 1:

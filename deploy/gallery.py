@@ -11,6 +11,7 @@ memory as it was. Matching reads a snapshot ``(matrix, names)`` taken under the 
 """
 from __future__ import annotations
 
+import re
 import sqlite3
 import threading
 from typing import Dict, List, Optional, Tuple
@@ -21,6 +22,7 @@ from recognition.common import ToolkitError
 
 NORM_TOLERANCE = 1e-3  # stored rows are unit vectors; anything further off was not written by this service
 MAX_NAME = 200
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def check_name(name: object, field: str = "name") -> str:
@@ -34,7 +36,7 @@ def check_name(name: object, field: str = "name") -> str:
         name.encode("utf-8")
     except UnicodeEncodeError as exc:
         raise ValueError(f"{field}: not valid Unicode text (a lone surrogate at character {exc.start})") from None
-    if any(ord(c) < 32 for c in name):
+    if _CONTROL.search(name):
         raise ValueError(f"{field}: contains control characters")
     return name
 
@@ -66,43 +68,77 @@ class FaceGallery:
 
     # -- loading -----------------------------------------------------------------------------------------------------
     def _load(self) -> None:
-        """Read every row in bulk and check it; sets ``dim``, the matrix (capacity-doubling buffer) and names."""
+        """Read every row in bulk and check it; sets ``dim``, the matrix (capacity-doubling buffer) and names.
+
+        One pass in chunks inside a read transaction: each chunk's rows are checked, then their blobs are copied
+        straight into the preallocated ``(N, E)`` matrix.
+        """
         where = f"--db {self.db_path}"
+        names: List[str] = []
+        seen: set = set()
         try:
-            rows = self._db.execute("SELECT id, name, dim, embedding FROM faces ORDER BY id").fetchall()
+            self._db.execute("BEGIN")
+            try:
+                total = self._db.execute("SELECT count(*) FROM faces").fetchone()[0]
+                cur = self._db.execute("SELECT id, name, dim, embedding FROM faces ORDER BY id")
+                matrix, dim = np.empty((0, 0), np.float32), None
+                while True:
+                    rows = cur.fetchmany(65536)
+                    if not rows:
+                        break
+                    if dim is None:
+                        dim = rows[0][2] if isinstance(rows[0][2], int) and rows[0][2] > 0 else -1
+                        matrix = np.empty((total, max(dim, 0)), np.float32)
+                    self._check_rows(rows, dim, where, seen)
+                    n = len(names)
+                    if n + len(rows) > total:
+                        raise ToolkitError(f"{where}: changed while being read; retry")
+                    matrix[n:n + len(rows)] = np.frombuffer(b"".join(r[3] for r in rows), "<f4").reshape(-1, dim)
+                    names.extend(r[1] for r in rows)
+            finally:
+                self._db.execute("COMMIT")
         except sqlite3.Error as exc:
             raise ToolkitError(f"{where}: cannot read the faces table ({exc})") from None
-        names: List[str] = []
-        dims = np.fromiter((r[2] if isinstance(r[2], int) else -1 for r in rows), np.int64, len(rows))
-        sizes = np.fromiter((len(r[3]) if isinstance(r[3], bytes) else -1 for r in rows), np.int64, len(rows))
-        dim = int(dims[0]) if len(rows) else None
-        bad = (dims != dim) | (sizes != 4 * dims) | (dims < 1) if len(rows) else np.zeros(0, bool)
-        if bad.any():
-            i = int(np.argmax(bad))
-            rid, name, d, blob = rows[i]
-            what = (f"dim {d!r} differs from the first row's {dim}" if d != dim and isinstance(d, int) and d > 0
-                    else f"embedding of {sizes[i]} bytes where dim {d!r} needs {4 * d if isinstance(d, int) else '?'}"
-                    if isinstance(blob, bytes) else f"embedding is a {type(blob).__name__}, not a blob")
-            raise ToolkitError(f"{where}: row id {rid} (name {name!r}): {what}; fix or delete that row")
-        matrix = (np.frombuffer(b"".join(r[3] for r in rows), "<f4").reshape(len(rows), dim)
-                  if rows else np.zeros((0, 0), np.float32))
-        if rows:
+        matrix = matrix[:len(names)]
+        if names:
             norms = np.linalg.norm(matrix, axis=1)
             off = ~np.isfinite(norms) | (np.abs(norms - 1) > NORM_TOLERANCE)
             if off.any():
                 i = int(np.argmax(off))
-                raise ToolkitError(f"{where}: row id {rows[i][0]} (name {rows[i][1]!r}): embedding norm "
-                                   f"{norms[i]:.4g} is not 1 (not finite or not L2-normalised); fix or delete it")
-        for rid, name, _, _ in rows:
-            try:
-                names.append(check_name(name))
-            except ValueError as exc:
-                raise ToolkitError(f"{where}: row id {rid}: {exc}") from None
+                rid = self._db.execute("SELECT id FROM faces ORDER BY id LIMIT 1 OFFSET ?", (i,)).fetchone()[0]
+                raise ToolkitError(f"{where}: row id {rid} (name {names[i]!r}): embedding norm {norms[i]:.4g} is not 1 "
+                                   "(not finite or not L2-normalised); fix or delete it")
         self.dim = dim
-        self._buf, self._n, self._names = matrix, len(rows), names
+        self._buf, self._n, self._names = matrix, len(names), names
         self._counts: Dict[str, int] = {}
         for n in names:
             self._counts[n] = self._counts.get(n, 0) + 1
+
+    @staticmethod
+    def _check_rows(rows: list, dim: int, where: str, seen: set) -> None:
+        """Blob type and size, one dim, names (each distinct name checked once); one line naming a bad row."""
+        dims = np.fromiter((r[2] if isinstance(r[2], int) else -1 for r in rows), np.int64, len(rows))
+        sizes = np.fromiter((len(r[3]) if isinstance(r[3], bytes) else -1 for r in rows), np.int64, len(rows))
+        bad = (dims != dim) | (sizes != 4 * dims) | (dims < 1)
+        if bad.any():
+            i = int(np.argmax(bad))
+            rid, name, d, blob = rows[i]
+            if not isinstance(blob, bytes):
+                what = f"embedding is a {type(blob).__name__}, not a blob"
+            elif d != dim and isinstance(d, int) and d > 0 and dim > 0:
+                what = f"dim {d!r} differs from the first row's {dim}"
+            else:
+                what = f"embedding of {len(blob)} bytes where dim {d!r} needs {4 * d if isinstance(d, int) else '?'}"
+            raise ToolkitError(f"{where}: row id {rid} (name {name!r}): {what}; fix or delete that row")
+        for rid, name, _, _ in rows:
+            if name in seen:
+                continue
+            try:
+                if check_name(name) != name:
+                    raise ValueError("name: has leading or trailing spaces")
+            except ValueError as exc:
+                raise ToolkitError(f"{where}: row id {rid}: {exc}") from None
+            seen.add(name)
 
     def check_dim(self, dim: int) -> None:
         if self.dim is not None and self.dim != dim:
