@@ -7,9 +7,10 @@ Starts ``deploy/server.py`` in a child process on 127.0.0.1 (the real ``../share
 checkpoint unless ``--model``), registers ``--gallery`` identities, then runs for ``--seconds`` (at most
 ``--requests`` requests): ``--clients`` threads post ``/detectFace`` (base64 JSON, keep-alive connections) as fast
 as answers come, while ``--slow`` misbehaving clients run beside them: half send request headers one byte per
-second (slowloris), half open connections and send nothing. It prints the throughput, latency percentiles of the
-fast clients, the status codes seen, how the slow connections ended, and the server's RSS (start, peak, end,
-sampled every 0.25 s). Everything is bounded in time and count; nothing leaves the machine.
+second (slowloris), half open connections and send nothing, and a probe asks ``/health`` every 0.5 s. It prints
+the throughput, latency percentiles of the fast clients, the probe's latency, the status codes seen, how the slow
+connections ended, and the server's RSS (start, peak, end, sampled every 0.25 s). Everything is bounded in time
+and count; nothing leaves the machine.
 """
 from __future__ import annotations
 
@@ -130,6 +131,21 @@ def slow_client(port: int, kind: str, stop: threading.Event, ended: Counter) -> 
             time.sleep(0.5)
 
 
+def health_probe(port: int, stop: threading.Event, lat: list) -> None:
+    """``GET /health`` on a fresh connection every 0.5 s: what a load balancer sees while the model is saturated."""
+    while not stop.is_set():
+        t = time.perf_counter()
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+            conn.request("GET", "/health")
+            conn.getresponse().read()
+            conn.close()
+            lat.append(time.perf_counter() - t)
+        except (OSError, http.client.HTTPException):
+            lat.append(float("inf"))
+        stop.wait(0.5)
+
+
 def run(args) -> None:
     port = free_port()
     db = os.path.join(args.work, f"load-{port}.sqlite")
@@ -161,6 +177,8 @@ def run(args) -> None:
                                  daemon=True) for i in range(args.slow)]
         fast = [threading.Thread(target=fast_client, args=(port, images, stop, budget, lat, codes), daemon=True)
                 for _ in range(args.clients)]
+        health: List[float] = []
+        slow.append(threading.Thread(target=health_probe, args=(port, stop, health), daemon=True))
         for t in slow:
             t.start()
         t0 = time.perf_counter()
@@ -182,6 +200,9 @@ def run(args) -> None:
         if len(ms):
             print(f"latency: p50 {np.percentile(ms, 50):.0f} ms, p99 {np.percentile(ms, 99):.0f} ms, "
                   f"max {ms.max():.0f} ms")
+        if health:
+            print(f"/health while loaded: {len(health)} probes, median {np.median(health) * 1e3:.0f} ms, "
+                  f"max {max(health) * 1e3:.0f} ms")
         print("status codes: " + ", ".join(f"{k}: {v}" for k, v in sorted(codes.items(), key=str)))
         print("slow clients: " + (", ".join(f"{k}: {v}" for k, v in sorted(ended.items())) or "none ended"))
         print(f"server RSS: start {start_rss:.1f} MB, peak {max(samples):.1f} MB, end {samples[-1]:.1f} MB")
