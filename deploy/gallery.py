@@ -14,6 +14,7 @@ from __future__ import annotations
 import re
 import sqlite3
 import threading
+from collections import Counter
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
@@ -101,7 +102,7 @@ class FaceGallery:
             raise ToolkitError(f"{where}: cannot read the faces table ({exc})") from None
         matrix = matrix[:len(names)]
         if names:
-            norms = np.linalg.norm(matrix, axis=1)
+            norms = np.sqrt(np.einsum("ij,ij->i", matrix, matrix))  # no (N, E) temporary, unlike linalg.norm
             off = ~np.isfinite(norms) | (np.abs(norms - 1) > NORM_TOLERANCE)
             if off.any():
                 i = int(np.argmax(off))
@@ -110,9 +111,7 @@ class FaceGallery:
                                    "(not finite or not L2-normalised); fix or delete it")
         self.dim = dim
         self._buf, self._n, self._names = matrix, len(names), names
-        self._counts: Dict[str, int] = {}
-        for n in names:
-            self._counts[n] = self._counts.get(n, 0) + 1
+        self._counts: Dict[str, int] = dict(Counter(names))
 
     @staticmethod
     def _check_rows(rows: list, dim: int, where: str, seen: set) -> None:
