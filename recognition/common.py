@@ -292,14 +292,15 @@ def load_symbol(sym_path: str):
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise ToolkitError(f"{sym_path}: not UTF-8 text (byte {exc.start} is 0x{raw[exc.start]:02x}); "
-                           "expected an MXNet symbol JSON") from None
+        raise ToolkitError(f"{sym_path}: not a readable MXNet symbol (not UTF-8 text: byte {exc.start} is "
+                           f"0x{raw[exc.start]:02x})") from None
     try:
         graph = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise ToolkitError(f"{sym_path}: not JSON at line {exc.lineno} column {exc.colno} ({exc.msg})") from None
+        raise ToolkitError(f"{sym_path}: not a readable MXNet symbol (not JSON at line {exc.lineno} column "
+                           f"{exc.colno}: {exc.msg})") from None
     if not isinstance(graph, dict) or not isinstance(graph.get("nodes"), list) or "heads" not in graph:
-        raise ToolkitError(f"{sym_path}: JSON but not an MXNet symbol graph (no 'nodes' list and 'heads')")
+        raise ToolkitError(f"{sym_path}: not a readable MXNet symbol (JSON, but no 'nodes' list and 'heads')")
     try:
         return mx.sym.load_json(text)
     except Exception as exc:

@@ -450,11 +450,11 @@ def test_truncated_params_and_garbage_symbol_keep_their_cause(tmp_path):
                                                                            f"{arrays_end}): array 1 data is cut short)")
     open(params, "wb").write(full)
     sym_path = prefix + "-symbol.json"
-    for text, message in ((b"garbage{", "not JSON at line 1 column 1 (Expecting value)"),
-                          (b'{"nodes": [1,', "not JSON at line 1 column 14 (Expecting value)"),
-                          (b"\xff\xfe{}", "not UTF-8 text (byte 0 is 0xff)"),
-                          (b'{"a": 1}', "JSON but not an MXNet symbol graph")):
+    for text, cause in ((b"garbage{", "not JSON at line 1 column 1: Expecting value"),
+                        (b'{"nodes": [1,', "not JSON at line 1 column 14: Expecting value"),
+                        (b"\xff\xfe{}", "not UTF-8 text: byte 0 is 0xff"),
+                        (b'{"a": 1}', "JSON, but no 'nodes' list and 'heads'")):
         open(sym_path, "wb").write(text)
-        with pytest.raises(ToolkitError, match="^" + sym_path.replace(".", r"\.") + ": " + message.replace("(", r"\(")
-                           .replace(")", r"\)")):
+        with pytest.raises(ToolkitError) as err:
             load_checkpoint(prefix, 0)
+        assert str(err.value) == f"{sym_path}: not a readable MXNet symbol ({cause})"
