@@ -112,6 +112,8 @@ def build_routes(model, gallery, settings, inference) -> FastAPI:
             data = json.loads(body)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise ApiError(400, f"body: not valid JSON ({exc})") from None
+        except RecursionError:  # "[[[[..." a million deep fits in the body limit
+            raise ApiError(400, "body: JSON nested too deeply") from None
         if not isinstance(data, dict):
             raise ApiError(422, "body: expected a JSON object")
         try:

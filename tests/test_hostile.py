@@ -163,7 +163,7 @@ def test_pixel_bomb_is_refused_from_its_header(svc):
 
 
 def test_too_many_images_per_request(svc):
-    from tests.test_server import multipart
+    from test_server import multipart  # tests/ is on sys.path (as test_deploy_inference does)
 
     s = svc(max_images=3)
     st, out, _ = raw(s.port, post("/registerFace", register_json(4)))
@@ -186,6 +186,13 @@ def test_oversized_headers_are_a_json_400(svc):
     s = svc()
     st, out, _ = raw(s.port, b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Pad: " + b"a" * 200_000 + b"\r\n\r\n")
     assert st == 400 and out["error"].startswith("malformed HTTP request")
+
+
+def test_deeply_nested_json_is_400(svc):
+    s = svc()
+    st, out, _ = raw(s.port, post("/detectFace", b"[" * 500_000 + b"]" * 500_000))
+    assert (st, out) == (400, {"error": "body: JSON nested too deeply"})
+    assert raw(s.port, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")[0] == 200
 
 
 # ---------------------------------------------------------------------------------------- authentication and CSRF
@@ -217,7 +224,7 @@ def test_cross_site_requests_register_nothing(svc):
 
 
 def test_without_a_key_only_loopback_names_and_same_origin(svc):
-    from tests.test_server import multipart
+    from test_server import multipart  # tests/ is on sys.path (as test_deploy_inference does)
 
     s = svc(key=None)
     data, ctype = multipart({"name": "m"}, [("images", "0.png", FACE)])
