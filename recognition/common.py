@@ -255,6 +255,8 @@ def load_checkpoint(prefix: str, epoch: int, need_symbol: bool = True):
     try:
         saved = mx.nd.load(params_path)
     except Exception as exc:  # MXNet says "Invalid NDArray file format" (first line "Traceback ..."): find the cause
+        from recognition.params_format import params_problem
+
         cause = params_problem(params_path) or mxnet_error_line(exc)
         raise ToolkitError(f"{params_path}: not a readable MXNet params file ({cause})") from None
     if not isinstance(saved, dict):
@@ -305,77 +307,6 @@ def load_symbol(sym_path: str):
         return mx.sym.load_json(text)
     except Exception as exc:
         raise ToolkitError(f"{sym_path}: not a readable MXNet symbol ({mxnet_error_line(exc)})") from None
-
-
-# mx.nd.save's layout (src/ndarray/ndarray.cc): u64 0x112, u64 0, u64 count, count arrays, u64 count, names.
-# An array (V2/V3 magic): u32 magic, i32 storage type, u32 ndim, i64 dims[ndim], then (ndim > 0) i32 dev_type,
-# i32 dev_id, i32 dtype flag and the data.
-_ND_LIST_MAGIC = 0x112
-_ND_MAGICS = (0xF993FAC9, 0xF993FACA)
-_ND_ITEMSIZE = {0: 4, 1: 8, 2: 2, 3: 1, 4: 4, 5: 1, 6: 8, 7: 1, 12: 2}
-
-
-def params_problem(path: str) -> Optional[str]:
-    """Walk a ``.params`` file's layout without loading it; returns what is wrong (``truncated at byte N (expected
-    M)``, a bad magic at byte N, trailing bytes) or ``None`` when the layout is sound (or a kind this walk skips)."""
-    import struct
-
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        data = f.read()  # only called after MXNet refused the file: clarity over memory here
-    pos = 0
-
-    def take(fmt: str, what: str):
-        nonlocal pos
-        n = struct.calcsize(fmt)
-        if pos + n > size:
-            raise _Short(pos + n, what)
-        out = struct.unpack_from(fmt, data, pos)
-        pos += n
-        return out
-
-    try:
-        magic, _ = take("<QQ", "the file header")
-        if magic != _ND_LIST_MAGIC:
-            return f"byte 0: magic 0x{magic:x} is not an MXNet params file (0x112)"
-        (count,) = take("<Q", "the array count")
-        for i in range(count):
-            start = pos
-            amagic, stype = take("<Ii", f"array {i}")
-            if amagic not in _ND_MAGICS:
-                return f"byte {start}: array {i} has magic 0x{amagic:x}, not an NDArray header"
-            if stype not in (0, -1):
-                return None  # sparse storage: leave it to MXNet
-            (ndim,) = take("<i", f"array {i} shape")
-            dims = take(f"<{max(ndim, 0)}q", f"array {i} shape") if ndim > 0 else ()
-            if ndim <= 0:
-                continue
-            _, _, flag = take("<iii", f"array {i} context")
-            if flag not in _ND_ITEMSIZE or min(dims) < 0:
-                return f"byte {start}: array {i} has dtype flag {flag} / shape {tuple(dims)}, not a valid array"
-            nbytes = _ND_ITEMSIZE[flag]
-            for d in dims:
-                nbytes *= d
-            if pos + nbytes > size:
-                raise _Short(pos + nbytes, f"array {i} data")
-            pos += nbytes
-        (nnames,) = take("<Q", "the name count")
-        for i in range(nnames):
-            (n,) = take("<Q", f"name {i}")
-            if pos + n > size:
-                raise _Short(pos + n, f"name {i}")
-            pos += n
-    except _Short as short:
-        return f"truncated at byte {size} (expected {short.need}): {short.what} is cut short"
-    if pos != size:
-        return f"{size - pos} unexpected bytes after the end of the data at byte {pos}"
-    return None
-
-
-class _Short(Exception):
-    def __init__(self, need: int, what: str):
-        super().__init__(what)
-        self.need, self.what = need, what
 
 
 def symbol_json(symbol) -> str:
