@@ -60,7 +60,8 @@ class EnvError(Exception):
 
 # ------------------------------------------------------------------------------------------------------ the GPU
 def gpu_info(smi: str = "nvidia-smi") -> dict:
-    """``{'gpus': [{'name', 'compute_cap', 'driver', 'memory_mib'}], 'cuda_driver': '13.0'}`` from nvidia-smi.
+    """``{'gpus': [{'name', 'compute_cap', 'driver', 'memory_mib'}], 'cuda_driver': '13.0', 'summary'}`` from
+    nvidia-smi (``summary``: one line for people).
 
     Raises :class:`EnvError` when nvidia-smi is missing or fails (no driver, no GPU visible).
     """
@@ -81,7 +82,10 @@ def gpu_info(smi: str = "nvidia-smi") -> dict:
         raise EnvError("nvidia-smi lists no GPU")
     head = subprocess.run([smi], capture_output=True, text=True, timeout=60).stdout
     m = re.search(r"CUDA Version:\s*([\d.]+)", head)
-    return {"gpus": gpus, "cuda_driver": m.group(1) if m else None}
+    g = gpus[0]
+    summary = (f"{g['name']}, compute capability {g['compute_cap']}, driver {g['driver']} "
+               f"(CUDA {m.group(1) if m else '?'}), {len(gpus)} GPU(s)")
+    return {"gpus": gpus, "cuda_driver": m.group(1) if m else None, "summary": summary}
 
 
 # ----------------------------------------------------------------------------------------------------- Python
@@ -266,6 +270,27 @@ def can_run(cc: str, archs: Dict[str, List[int]]) -> Tuple[bool, str]:
                    f"to JIT-compile")
 
 
+def explain(error: Optional[str], cc: Optional[str] = None, archs: Optional[dict] = None) -> str:
+    """Why no kernel ran, as ``'KIND: detail'`` with KIND one of architecture, driver/CUDA, library, no GPU, error."""
+    text = (error or "").strip()
+    low = text.lower()
+    if cc and archs:
+        ok, why = can_run(cc, archs)
+        if not ok:
+            return f"architecture: {why}" + (f" (MXNet: {text})" if text else "")
+    if "no kernel image" in low or "invalid device function" in low:
+        return f"architecture: {text}"
+    if "driver version is insufficient" in low or "forward compatibility" in low or "cuda driver version" in low:
+        return f"driver/CUDA: {text}"
+    m = re.search(r"(lib[\w.+-]+\.so[.\d]*): cannot open shared object file", text)
+    if m:
+        extra = " (it comes with the NVIDIA driver)" if m.group(1) == DRIVER_LIB else ""
+        return f"library: {m.group(1)} not found{extra}"
+    if "no cuda-capable device" in low or "0 gpu(s)" in low:
+        return f"no GPU: {text}"
+    return f"error: {text or 'unknown'}"
+
+
 def _last_line(text: str) -> str:
     lines = [ln.strip() for ln in (text or "").strip().splitlines() if ln.strip()]
     return lines[-1] if lines else "no output"
@@ -297,54 +322,58 @@ def _site_packages(py: str) -> str:
 
 def install(venv: str, package: str, root: str, wheels: Optional[str] = None) -> dict:
     """Install ``package==1.9.1`` (``mxnet`` or ``mxnet-cuNNN``), ``numpy<1.24``, the project and the CUDA 11
-    libraries the system lacks into ``venv``; write ``VENV/ifr-gpu-env.sh`` (``LD_LIBRARY_PATH``).
+    libraries the system lacks into ``venv``. Nothing is installed when the venv already has all of it (a rerun).
 
-    Returns ``{'package', 'imported', 'mxnet_version', 'error', 'missing_libs', 'cuda_packages',
-    'ld_library_path', 'archs', 'reused'}``. A second call with the same package reuses what is there.
+    Returns ``{'package', 'reused', 'imported', 'error', 'mxnet_version', 'missing_libs', 'cuda_packages',
+    'ld_dirs', 'archs'}``; ``ld_dirs`` go first on ``LD_LIBRARY_PATH`` for every later step.
     """
     py = os.path.join(venv, "bin", "python")
-    stamp = os.path.join(venv, f".ifr-gpu-{package}.json")
-    env_file = os.path.join(venv, "ifr-gpu-env.sh")
-    if os.path.isfile(stamp):
-        with open(stamp) as f:
-            done = json.load(f)
-        env = dict(os.environ, LD_LIBRARY_PATH=ld_path_with(done["ld_dirs"], os.environ.get("LD_LIBRARY_PATH")))
-        if _import_error(py, env) is None:
-            done.update(reused=True)
-            _write_env_file(env_file, done["ld_dirs"], package)
-            return done
-    proc = _run([py, "-c", "import importlib.metadata as m, sys\nfor d in sys.argv[1:]:\n"
-                 "    try: m.version(d); print(d)\n    except m.PackageNotFoundError: pass", *MXNET_DISTS])
-    others = [d for d in proc.stdout.split() if d != package]
-    if others:  # each build provides the same 'mxnet' module
-        _run([py, "-m", "pip", "uninstall", "-y", *others])
-    _pip(py, [f"{package}=={MXNET_VERSION}", "numpy<1.24"], f"{package}=={MXNET_VERSION}", wheels)
-    env = dict(os.environ, MXNET_PACKAGE=package)
-    _pip(py, ["--no-build-isolation", "-e", root], "the project and its dependencies", wheels, env=env)
     site = _site_packages(py)
     lib = os.path.join(site, "mxnet", "libmxnet.so")
-    result = {"package": package, "reused": False, "missing_libs": [], "cuda_packages": [], "ld_dirs": [],
-              "archs": None}
-    if package != "mxnet" and os.path.isfile(lib):
-        missing = _ldd_missing(lib, nvidia_lib_dirs(site))
-        reqs, unknown = packages_for([so for so in missing if so != DRIVER_LIB])
-        if reqs:
-            _pip(py, reqs, "the CUDA 11 libraries " + ", ".join(r.split("==")[0] for r in reqs), wheels)
-        result["cuda_packages"] = reqs
-        result["ld_dirs"] = nvidia_lib_dirs(site)
+    cuda = package != "mxnet"
+    result = {"package": package, "reused": False, "missing_libs": [], "cuda_packages": [], "archs": None}
+    if _ready(py, package, nvidia_lib_dirs(site)) is None:
+        result["reused"] = True
+    else:
+        proc = _run([py, "-c", "import importlib.metadata as m, sys\nfor d in sys.argv[1:]:\n"
+                     "    try: m.version(d); print(d)\n    except m.PackageNotFoundError: pass", *MXNET_DISTS])
+        others = [d for d in proc.stdout.split() if d != package]
+        if others:  # each build provides the same 'mxnet' module
+            _run([py, "-m", "pip", "uninstall", "-y", *others])
+        _pip(py, [f"{package}=={MXNET_VERSION}", "numpy<1.24"], f"{package}=={MXNET_VERSION}", wheels)
+        env = dict(os.environ, MXNET_PACKAGE=package)
+        _pip(py, ["--no-build-isolation", "-e", root], "the project and its dependencies", wheels, env=env)
+        if cuda and os.path.isfile(lib):
+            missing = _ldd_missing(lib, nvidia_lib_dirs(site))
+            reqs, unknown = packages_for([so for so in missing if so != DRIVER_LIB])
+            if reqs:
+                _pip(py, reqs, "the CUDA 11 libraries " + ", ".join(r.split("==")[0] for r in reqs), wheels)
+            result["cuda_packages"] = reqs
+            if unknown:
+                print(f"note: no pip package known for {', '.join(unknown)}", file=sys.stderr)
+    result["ld_dirs"] = nvidia_lib_dirs(site)
+    if cuda and os.path.isfile(lib):
         result["missing_libs"] = _ldd_missing(lib, result["ld_dirs"])
         result["archs"] = library_archs(lib)
-        if unknown:
-            print(f"note: no pip package known for {', '.join(unknown)}", file=sys.stderr)
     env = dict(os.environ, LD_LIBRARY_PATH=ld_path_with(result["ld_dirs"], os.environ.get("LD_LIBRARY_PATH")))
     error = _import_error(py, env)
-    result.update(imported=error is None, error=error, mxnet_version=_mxnet_version(py, env))
-    _write_env_file(env_file, result["ld_dirs"], package)
-    if error is None:
-        with open(stamp + ".tmp", "w") as f:
-            json.dump(result, f, indent=1)
-        os.replace(stamp + ".tmp", stamp)
+    result.update(imported=error is None, error=error, mxnet_version=_mxnet_version(py, env) if not error else None)
     return result
+
+
+_READY = """import importlib.metadata as m, sys
+m.version(sys.argv[1])
+import numpy
+assert tuple(int(v) for v in numpy.__version__.split('.')[:2]) < (1, 24), 'numpy ' + numpy.__version__
+import mxnet, cv2, easydict, tqdm, matplotlib, sklearn
+"""
+
+
+def _ready(py: str, package: str, dirs: Sequence[str]) -> Optional[str]:
+    """``None`` when ``py`` already has ``package``, numpy<1.24, the project's dependencies and a loadable MXNet."""
+    env = dict(os.environ, LD_LIBRARY_PATH=ld_path_with(dirs, os.environ.get("LD_LIBRARY_PATH")))
+    proc = _run([py, "-c", _READY, package], env=env, timeout=300)
+    return None if proc.returncode == 0 else _last_line(proc.stderr)
 
 
 def _ldd_missing(lib: str, dirs: Sequence[str]) -> List[str]:
@@ -362,15 +391,6 @@ def _import_error(py: str, env: dict) -> Optional[str]:
 def _mxnet_version(py: str, env: dict) -> Optional[str]:
     proc = _run([py, "-c", "import mxnet; print(mxnet.__version__)"], env=env, timeout=300)
     return (proc.stdout.strip() or None) if proc.returncode == 0 else None
-
-
-def _write_env_file(path: str, dirs: Sequence[str], package: str) -> None:
-    with open(path + ".tmp", "w") as f:
-        f.write(f"# written by benchmarks/gpu_env.py install ({package})\n")
-        f.write(f"export IFR_MXNET_PACKAGE={package}\n")
-        if dirs:
-            f.write(f"export LD_LIBRARY_PATH={':'.join(dirs)}${{LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}}\n")
-    os.replace(path + ".tmp", path)
 
 
 def download(dest: str, root: str, packages: Sequence[str], python_version: Optional[str] = None) -> None:
@@ -406,6 +426,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--cc", required=True)
     p.add_argument("--package", choices=sorted(KNOWN_ARCHS))
     p.add_argument("--archs-json", help="JSON {'sass': [...], 'ptx': [...]} (else the package's measured list)")
+    p = sub.add_parser("explain")
+    p.add_argument("--error", default="")
+    p.add_argument("--cc")
+    p.add_argument("--archs-json")
     p = sub.add_parser("download")
     p.add_argument("--dest", required=True)
     p.add_argument("--root", required=True)
@@ -426,6 +450,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             archs = json.loads(args.archs_json) if args.archs_json else KNOWN_ARCHS[args.package or "mxnet-cu117"]
             ok, why = can_run(args.cc, archs)
             print(json.dumps({"can_run": ok, "why": why}))
+        elif args.cmd == "explain":
+            print(explain(args.error, args.cc, json.loads(args.archs_json) if args.archs_json else None))
         elif args.cmd == "download":
             download(args.dest, args.root, [p for p in args.packages.split(",") if p], args.python_version)
     except EnvError as exc:
