@@ -311,8 +311,18 @@ def _pip(py: str, args: Sequence[str], what: str, wheels: Optional[str], env: Op
     if wheels:  # a wheel folder means offline: everything must be in it (``download`` fills one)
         cmd += ["--no-index", "--find-links", wheels]
     proc = _run(cmd + list(args), env=env)
+    print(proc.stdout[-4000:] + proc.stderr[-4000:], file=sys.stderr)  # the install log keeps pip's own words
     if proc.returncode != 0:
-        raise EnvError(f"pip could not install {what}: {_last_line(proc.stderr or proc.stdout)}")
+        raise EnvError(f"pip could not install {what}: {pip_error(proc.stdout + proc.stderr)}")
+
+
+def pip_error(text: str) -> str:
+    """pip's telling line: the last ``ERROR: ...``/``error: ...`` line (pip ends with hints), else the last line."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        if re.match(r"(ERROR|error)\b", ln):
+            return ln
+    return _last_line(text)
 
 
 def _site_packages(py: str) -> str:
@@ -341,6 +351,7 @@ def install(venv: str, package: str, root: str, wheels: Optional[str] = None) ->
         if others:  # each build provides the same 'mxnet' module
             _run([py, "-m", "pip", "uninstall", "-y", *others])
         _pip(py, [f"{package}=={MXNET_VERSION}", "numpy<1.24"], f"{package}=={MXNET_VERSION}", wheels)
+        _pip(py, ["setuptools>=61", "wheel"], "setuptools and wheel (they build the project)", wheels)
         env = dict(os.environ, MXNET_PACKAGE=package)
         _pip(py, ["--no-build-isolation", "-e", root], "the project and its dependencies", wheels, env=env)
         if cuda and os.path.isfile(lib):
@@ -402,8 +413,9 @@ def download(dest: str, root: str, packages: Sequence[str], python_version: Opti
                 "--platform", "manylinux1_x86_64", "--platform", "manylinux_2_17_x86_64"]
     reqs = [f"{p}=={MXNET_VERSION}" for p in packages] + ["numpy<1.24", "setuptools>=61", "wheel"]
     reqs += sorted(set(CUDA_LIBS.values())) if any(p != "mxnet" for p in packages) else []
+    env = dict(os.environ, MXNET_PACKAGE=packages[0])  # setup.py's mxnet requirement follows it
     for args in (reqs, [root]):
-        proc = _run(cmd + args)
+        proc = _run(cmd + args, env=env)
         if proc.returncode != 0:
             raise EnvError(f"pip download failed: {_last_line(proc.stderr or proc.stdout)}")
 

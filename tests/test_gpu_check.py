@@ -183,3 +183,103 @@ def test_cpu_dry_run_reuses_the_venv_and_runs_the_probe(tmp_path):
     probe = doc["rows"][0]
     assert probe["check"] == "probe" and probe["status"] == "ok" and probe["kernel_ran"] is True
     assert set(probe["ops"].values()) == {"ok"}  # each op compared with numpy in the child
+
+
+# ------------------------------------------------------------------------------- gpu_check.py's decisions
+check_mod = _load("gpu_check")
+
+
+class _Runner(check_mod.Runner):
+    """A Runner whose children answer from a table (the decisions are tested, not MXNet)."""
+
+    def __init__(self, out, answers):
+        super().__init__(str(out), budget=60)
+        self.answers = answers
+
+    def child(self, name, limit, *args):
+        return self.answers[name]
+
+
+def _embed_answer(**change):
+    res = {"pairs": 600, "images": 2400, "min_cosine": 0.999999, "acc_device": 0.98833333, "acc_cpu": 0.98833333,
+           "seconds_device": 1.0, "seconds_cpu": 9.0, "reference_acc": check_mod.LFW_REFERENCE_ACC}
+    res.update(change)
+    return res
+
+
+@pytest.mark.parametrize("change,status", [
+    ({}, "ok"),
+    ({"min_cosine": 0.9998}, "FAIL"),  # the bound the issue sets: cosine > 0.9999
+    ({"acc_device": 0.98666667}, "FAIL"),  # one pair flipped: not the CPU's figure
+    ({"acc_cpu": 0.97, "acc_device": 0.97}, "FAIL"),  # both agree but miss the fixture's reference 0.98833
+    ({"skip": "no fixtures"}, "skip"),
+])
+def test_embed_check_thresholds(tmp_path, change, status):
+    r = _Runner(tmp_path, {"embed": _embed_answer(**change) if "skip" not in change else change})
+    check_mod.check_embed(r, "gpu:0", "cpu", 0)
+    assert [row["status"] for row in r.rows] == [status]
+
+
+def _fake_train(runs):
+    """``train`` stand-in: losses per run folder, and a params file so the weights can be compared."""
+    def train(r, sizes, data_dir, run_dir, steps, ctx, env=None, script="train.py", resume=False):
+        key = os.path.basename(run_dir) + ("+resume" if resume else "")
+        os.makedirs(run_dir, exist_ok=True)
+        losses, weights = runs[key]
+        with open(os.path.join(run_dir, "model-0001.params"), "wb") as f:
+            f.write(weights)
+        assert env is None or env == check_mod.DETERMINISM_ENV or script == "train_parall.py"
+        return losses[:steps], None
+    return train
+
+
+def test_training_checks_compare_losses_and_weights(tmp_path, monkeypatch):
+    sizes = dict(check_mod.DRY_SIZES)
+    full = [(i + 1, 5.0 - 0.1 * i) for i in range(4)]
+    runs = {"full": (full, b"w"), "part": (full[:2], b"w"), "part+resume": (full, b"w"), "again": (full, b"w"),
+            "parall": ([(i + 1, 4.0) for i in range(6)], b"p")}
+    monkeypatch.setattr(check_mod, "train", _fake_train(runs))
+    answers = {"data": {"data_dir": str(tmp_path), "num_images": 10}, "dup_ctx": {"allowed": True}}
+    r = _Runner(tmp_path, answers)
+    check_mod.check_training(r, "gpu:0", sizes, str(tmp_path / "w1"), check_mod.CHECKS)
+    assert [(row["check"], row["status"]) for row in r.rows] == [
+        ("parall 2 contexts", "ok"), ("resume round trip", "ok"), ("determinism", "ok")]
+
+    # a resumed run that drifts, a second run with other weights, a refused duplicate context
+    runs["part+resume"] = (full[:3] + [(4, full[3][1] + 1e-3)], b"w")
+    runs["again"] = (full, b"other")
+    answers["dup_ctx"] = {"allowed": False, "reason": "Check failed: duplicate device"}
+    r = _Runner(tmp_path, answers)
+    check_mod.check_training(r, "gpu:0", sizes, str(tmp_path / "w2"), check_mod.CHECKS)
+    rows = {row["check"]: row for row in r.rows}
+    assert rows["parall 2 contexts"]["status"] == "skip"
+    assert rows["parall 2 contexts"]["result"] == "MXNet refuses gpu:0,gpu:0: Check failed: duplicate device"
+    assert rows["resume round trip"]["status"] == "FAIL" and rows["resume round trip"]["max_loss_diff"] == \
+        pytest.approx(1e-3)
+    assert rows["determinism"]["status"] == "FAIL" and rows["determinism"]["result"].endswith("differ (weights)")
+
+
+def test_runner_bounds_each_call_and_reads_losses(tmp_path):
+    r = check_mod.Runner(str(tmp_path), budget=60)
+    rc, _, err = r.call([sys.executable, "-c", "import time; time.sleep(30)"], limit=1)
+    assert rc is None and err == "timed out after 1 s"
+    with open(tmp_path / "metrics.jsonl", "w") as f:
+        for rec in ({"kind": "train", "step": 1, "loss": 2.5}, {"kind": "verify", "step": 1},
+                    {"kind": "train", "step": 2, "loss": 2.25}):
+            f.write(json.dumps(rec) + "\n")
+    assert check_mod.read_losses(str(tmp_path)) == [(1, 2.5), (2, 2.25)]
+    assert check_mod._last_error("Traceback\n  File x\nmxnet.base.MXNetError: no kernel image\n") == \
+        "mxnet.base.MXNetError: no kernel image"
+
+
+def test_duplicated_context_is_accepted_by_mxnet_on_cpu():
+    """The probe behind ``gpu:0,gpu:0``, run here on ``cpu:0,cpu:0``: MXNet binds and steps a Module on it."""
+    assert check_mod.child_dup_ctx("cpu:0") == {"allowed": True}
+
+
+def test_embed_child_agrees_with_itself_across_batch_sizes(fixture_model):
+    """The real checkpoint on 10 LFW pairs through two bindings (batch 64 and 32): same embeddings and accuracy."""
+    res = check_mod.child_embed("cpu:0", "cpu", 10)
+    assert res["images"] == 20 and res["pairs"] == 10
+    assert res["min_cosine"] > 0.99999 and res["acc_device"] == res["acc_cpu"]
+    assert res["reference_acc"] is None  # a subset is not compared with the 600-pair reference
