@@ -34,6 +34,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.environ.get("IFR_SHARED", os.path.join(os.path.dirname(ROOT), "shared"))
 LFW_REFERENCE_ACC = 0.98833  # ../shared/fixtures/README.md: model-y1-test2 on lfw_fold1.bin, plain MXNet on CPU
 DETERMINISM_ENV = {"MXNET_CUDNN_AUTOTUNE_DEFAULT": "0", "MXNET_ENFORCE_DETERMINISM": "1"}
+BUDGET_SPENT = "the time budget (--budget) is spent"
 CHECKS = ("probe", "speed", "embed", "parall", "resume", "determinism")
 # sizes: (networks, batches, timed steps, train network, per-device batch, train steps, stop step, lfw pairs)
 GPU_SIZES = dict(networks="y1,r50", batches="64,128", steps=30, train_network="y1", train_batch=64,
@@ -43,6 +44,14 @@ DRY_SIZES = dict(networks="tiny", batches="4,8", steps=2, train_network="tiny", 
 
 
 # --------------------------------------------------------------------------------------------- child checks
+def error_line(exc: BaseException) -> str:
+    """The message of an exception in one line. MXNet's start with a C++ traceback ("Traceback ...", "File ...")
+    and end with the message (``MXNetError: Check failed: ...``): keep the last line that is not a frame."""
+    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+    lines = [ln for ln in lines if not ln.startswith(("Traceback", "File "))] or lines or [type(exc).__name__]
+    return lines[-1][:300]
+
+
 def child_probe(ctx: str) -> dict:
     """Build features and three kernels on ``ctx``: ``{'kernel_ran', 'ops': {name: 'ok' | error}, ...}``."""
     import mxnet as mx
@@ -54,7 +63,12 @@ def child_probe(ctx: str) -> dict:
     out = {"mxnet": mx.__version__, "features": {k: feats.is_enabled(k) for k in ("CUDA", "CUDNN", "NCCL",
                                                                                  "MKLDNN", "CUDA_RTC")},
            "num_gpus": mx.context.num_gpus(), "ops": {}}
-    dev = parse_ctx(ctx)[0]
+    try:
+        dev = parse_ctx(ctx)[0]
+    except Exception as exc:  # e.g. gpu:0 asked for and no GPU visible to CUDA
+        out["ops"] = {"elementwise": error_line(exc)}
+        out["kernel_ran"] = False
+        return out
     rng = np.random.RandomState(0)
     a, b = rng.rand(64, 32).astype(np.float32), rng.rand(32, 16).astype(np.float32)
     x, w = rng.rand(2, 3, 8, 8).astype(np.float32), rng.rand(4, 3, 3, 3).astype(np.float32)
@@ -78,7 +92,7 @@ def child_probe(ctx: str) -> dict:
             err = float(np.max(np.abs(got - ref())))
             out["ops"][name] = "ok" if err < 1e-3 else f"wrong result (max error {err:.3g})"
         except Exception as exc:  # the message is the finding (no kernel image, driver too old, ...)
-            out["ops"][name] = str(exc).strip().splitlines()[0][:300]
+            out["ops"][name] = error_line(exc)
     out["kernel_ran"] = out["ops"]["elementwise"] == "ok"
     if dev.device_type == "gpu":
         free, total = mx.context.gpu_memory_info(dev.device_id)
@@ -147,7 +161,7 @@ def child_dup_ctx(ctx: str) -> dict:
         mod.update()
         mod.get_outputs()[0].asnumpy()
     except Exception as exc:
-        return {"allowed": False, "reason": str(exc).strip().splitlines()[0][:300]}
+        return {"allowed": False, "reason": error_line(exc)}
     return {"allowed": True}
 
 
@@ -191,7 +205,9 @@ class Runner:
 
     def call(self, cmd: Sequence[str], limit: float, extra_env: Optional[dict] = None):
         """``(returncode or None on timeout, stdout, stderr)`` of ``cmd`` with at most ``limit`` seconds."""
-        limit = max(1.0, min(limit, self.left()))
+        if self.left() < 5:
+            return None, "", BUDGET_SPENT
+        limit = min(limit, self.left())
         env = dict(self.env, **(extra_env or {}))
         self.log.write(f"+ {' '.join(cmd)}\n")
         self.log.flush()
@@ -213,6 +229,8 @@ class Runner:
         return {"error": err if rc is None else _last_error(err)}
 
     def row(self, check: str, status: str, result: str, **data) -> dict:
+        if status == "FAIL" and BUDGET_SPENT in result:
+            status = "skip"  # not a failure of the GPU path: --budget was too small for every check
         row = dict(check=check, status=status, result=result, **data)
         self.rows.append(row)
         print(f"[{status}] {check}: {result}", flush=True)
@@ -399,12 +417,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     r = Runner(args.out, args.budget)
     start = time.time()
     if check_probe(r, ctx):
-        if "speed" in checks:
-            check_speed(r, ctx, sizes, [p for p in args.prelu.split(",") if p])
+        # correctness first, then the speed sweep (the longest part) with the time that is left
         if "embed" in checks:
             check_embed(r, ctx, args.ref_ctx, sizes["pairs"])
         if {"parall", "resume", "determinism"} & set(checks):
             check_training(r, ctx, sizes, work, checks)
+        if "speed" in checks:
+            check_speed(r, ctx, sizes, [p for p in args.prelu.split(",") if p])
     else:
         r.row("remaining checks", "skip", f"no kernel ran on {ctx}")
     env = {}

@@ -144,7 +144,7 @@ for pkg in $ORDER; do
     IMPORT_ERR="$("$HOSTPY" -c 'import json,sys; print(json.loads(sys.argv[1])["error"] or "")' "$INST")"
     if [ -n "$IMPORT_ERR" ]; then
         WHY="$("${ENVPY[@]}" explain --error "$IMPORT_ERR")"
-        REASONS+=("$pkg imports not: $WHY"); echo "   import mxnet failed: $WHY"; continue
+        REASONS+=("$pkg does not import: $WHY"); echo "   import mxnet failed: $WHY"; continue
     fi
     echo "   imported ($("$HOSTPY" -c 'import json,sys; d=json.loads(sys.argv[1]); print("reused" if d["reused"] else "installed", d["mxnet_version"])' "$INST"))"
     PROBE="$(LD_LIBRARY_PATH="$LDDIRS${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" timeout 180 "$VENV/bin/python" \

@@ -259,6 +259,14 @@ def test_training_checks_compare_losses_and_weights(tmp_path, monkeypatch):
     assert rows["determinism"]["status"] == "FAIL" and rows["determinism"]["result"].endswith("differ (weights)")
 
 
+def test_error_line_keeps_mxnets_message_not_its_traceback():
+    exc = RuntimeError('Traceback (most recent call last):\n  File "../src/engine/threaded_engine.cc", line 330\n'
+                       "MXNetError: Check failed: device_count_ > 0 (-1 vs. 0) : GPU usage requires at least 1 GPU")
+    assert check_mod.error_line(exc) == \
+        "MXNetError: Check failed: device_count_ > 0 (-1 vs. 0) : GPU usage requires at least 1 GPU"
+    assert check_mod.error_line(ValueError("plain")) == "plain"
+
+
 def test_runner_bounds_each_call_and_reads_losses(tmp_path):
     r = check_mod.Runner(str(tmp_path), budget=60)
     rc, _, err = r.call([sys.executable, "-c", "import time; time.sleep(30)"], limit=1)
@@ -268,6 +276,10 @@ def test_runner_bounds_each_call_and_reads_losses(tmp_path):
                     {"kind": "train", "step": 2, "loss": 2.25}):
             f.write(json.dumps(rec) + "\n")
     assert check_mod.read_losses(str(tmp_path)) == [(1, 2.5), (2, 2.25)]
+    r.deadline = 0  # spent: nothing more runs, and what did not run is a skip, not a failure
+    assert r.call([sys.executable, "-c", "pass"], limit=10) == (None, "", check_mod.BUDGET_SPENT)
+    check_mod.check_embed(r, "gpu:0", "cpu", 0)
+    assert r.rows[-1]["status"] == "skip" and check_mod.BUDGET_SPENT in r.rows[-1]["result"]
     assert check_mod._last_error("Traceback\n  File x\nmxnet.base.MXNetError: no kernel image\n") == \
         "mxnet.base.MXNetError: no kernel image"
 
