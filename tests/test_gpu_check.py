@@ -295,3 +295,13 @@ def test_embed_child_agrees_with_itself_across_batch_sizes(fixture_model):
     assert res["images"] == 20 and res["pairs"] == 10
     assert res["min_cosine"] > 0.99999 and res["acc_device"] == res["acc_cpu"]
     assert res["reference_acc"] is None  # a subset is not compared with the 600-pair reference
+
+
+def test_kernels_on_the_gpu_match_numpy_when_a_gpu_is_visible():
+    """GPU-only: skipped where MXNet sees no GPU (the CPU build always reports 0)."""
+    import mxnet as mx
+
+    if mx.context.num_gpus() == 0:
+        pytest.skip("no GPU visible to MXNet")
+    res = check_mod.child_probe("gpu:0")
+    assert res["kernel_ran"] and set(res["ops"].values()) == {"ok"}, res["ops"]
