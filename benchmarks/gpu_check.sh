@@ -116,11 +116,14 @@ fi
 if [ -x "$VENV/bin/python" ] && "${ENVPY[@]}" find-python --python "$VENV/bin/python" >/dev/null 2>&1; then
     echo "== reusing $VENV ($("$VENV/bin/python" -V 2>&1))"
 else
+    if [ -e "$VENV" ] && [ -n "$(ls -A "$VENV" 2>/dev/null)" ]; then  # never delete what the user named
+        echo "gpu_check.sh: --venv $VENV exists and is not a Python 3.8-3.11 virtual environment; name a new folder" >&2
+        exit 2
+    fi
     if ! PYLINE="$("${ENVPY[@]}" find-python ${PY:+--python "$PY"} 2>"$OUTDIR/step.err")"; then
         stop "$(last_line "$OUTDIR/step.err")"
     fi
     echo "== creating $VENV with ${PYLINE}"
-    rm -rf "$VENV"
     "${PYLINE% *}" -m venv "$VENV" 2>"$OUTDIR/step.err" || stop "python -m venv $VENV failed: $(last_line "$OUTDIR/step.err")"
 fi
 note python "$("$VENV/bin/python" -c 'import sys; print(sys.version.split()[0])')"

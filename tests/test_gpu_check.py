@@ -167,6 +167,12 @@ def test_no_gpu_and_bad_arguments_end_in_one_line(tmp_path):
     assert proc.returncode == 2 and proc.stderr.strip() == "gpu_check.sh: --budget soon: expected whole seconds"
     proc = _sh(["--wheels", str(tmp_path / "nowhere")], tmp_path)
     assert proc.returncode == 2 and "no such folder" in proc.stderr
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "notes.txt").write_text("mine")
+    proc = _sh(["--cpu-dry-run", "--venv", str(taken), "--out", str(tmp_path / "o")], tmp_path)
+    assert proc.returncode == 2 and "is not a Python 3.8-3.11 virtual environment" in proc.stderr
+    assert (taken / "notes.txt").read_text() == "mine"
     proc = _sh(["--frobnicate"], tmp_path)
     assert proc.returncode == 2 and "unknown argument --frobnicate" in proc.stderr
 
