@@ -25,8 +25,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from typing import List, Optional, Sequence
 
@@ -395,6 +397,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--prelu", default="bn,stock", help="PReLU formulations timed by the speed check")
     p.add_argument("--env-json", help="facts gathered by gpu_check.sh (GPU, Python, package) to include")
     p.add_argument("--dry-run", action="store_true", help="cpu contexts and tiny sizes: tests the logic")
+    p.add_argument("--work", help="folder for the synthetic data and training runs (default: a temporary folder, "
+                                  "removed at the end; OUT keeps only the report and logs)")
     p.add_argument("--_child", help=argparse.SUPPRESS)
     p.add_argument("args", nargs="?", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -413,7 +417,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ctx = "cpu:0" if args.dry_run else args.ctx
     sizes = DRY_SIZES if args.dry_run else GPU_SIZES
     os.makedirs(args.out, exist_ok=True)
-    work = os.path.join(args.out, "work")
+    work = args.work or tempfile.mkdtemp(prefix="ifr_gpu_check_")
     r = Runner(args.out, args.budget)
     start = time.time()
     if check_probe(r, ctx):
@@ -426,6 +430,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             check_speed(r, ctx, sizes, [p for p in args.prelu.split(",") if p])
     else:
         r.row("remaining checks", "skip", f"no kernel ran on {ctx}")
+    if not args.work:
+        shutil.rmtree(work, ignore_errors=True)
     env = {}
     if args.env_json and os.path.isfile(args.env_json):
         with open(args.env_json) as f:
