@@ -165,7 +165,9 @@ print("yes" if d.get("kernel_ran") else d.get("ops", {}).get("elementwise", ""))
     REASONS+=("$pkg imported, no kernel ran: $WHY"); echo "   no kernel ran on $CTX: $WHY"
 done
 if [ -z "$CHOSEN" ]; then
-    stop "no MXNet 1.9.1 build ran a kernel on $CTX: $(IFS='; '; echo "${REASONS[*]}")"
+    JOINED=""
+    for reason in "${REASONS[@]}"; do JOINED="${JOINED:+$JOINED; }$reason"; done
+    stop "no MXNet 1.9.1 build ran a kernel on $CTX: $JOINED"
 fi
 note chosen "\"$CHOSEN\""
 [ "$DRY" = 1 ] || echo "$CHOSEN" > "$VENV/.ifr-gpu-choice"

@@ -311,3 +311,26 @@ def test_kernels_on_the_gpu_match_numpy_when_a_gpu_is_visible():
         pytest.skip("no GPU visible to MXNet")
     res = check_mod.child_probe("gpu:0")
     assert res["kernel_ran"] and set(res["ops"].values()) == {"ok"}, res["ops"]
+
+
+@pytest.mark.slow
+def test_offline_without_the_wheels_it_names_pips_error_for_each_build(tmp_path):
+    """A GPU machine with a usable Python but an empty --wheels folder: a venv is made, both builds are tried,
+    and the one line quotes pip for each."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    _fake_smi(str(bin_dir))
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    out = tmp_path / "out"
+    proc = _sh(["--python", sys.executable if sys.prefix == sys.base_prefix else
+                os.path.join(sys.base_prefix, "bin", "python3"), "--venv", str(tmp_path / "venv"), "--wheels",
+                str(wheels), "--out", str(out)], tmp_path, path_prefix=f"{bin_dir}{os.pathsep}")
+    last = proc.stdout.strip().splitlines()[-1]
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert last.startswith("GPU CHECK: no MXNet 1.9.1 build ran a kernel on gpu:0: mxnet-cu117: pip could not "
+                           "install mxnet-cu117==1.9.1: ERROR: "), last
+    assert "; mxnet-cu112: pip could not install mxnet-cu112==1.9.1: ERROR: " in last
+    doc = json.load(open(out / "gpu_check.json"))
+    assert doc["packages"] == {"mxnet-cu117": {"installed": False}, "mxnet-cu112": {"installed": False}}
+    assert (tmp_path / "venv" / "pyvenv.cfg").is_file() and not (tmp_path / "venv" / ".ifr-gpu-choice").exists()
