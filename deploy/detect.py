@@ -58,10 +58,6 @@ class _Net:
 
         prefix = os.path.join(model_dir, name)
         sym_file, par_file = f"{prefix}-symbol.json", f"{prefix}-0001.params"
-        for path in (sym_file, par_file):
-            if not os.path.isfile(path):
-                raise ToolkitError(f"{path}: MTCNN file missing (--detect takes insightface's deploy/mtcnn-model "
-                                   "folder: det1..det4 -symbol.json and -0001.params)")
         try:
             symbol = mx.sym.load(sym_file)
             graph = symbol_graph(symbol)
@@ -165,7 +161,12 @@ class MtcnnDetector:
             thresholds, float(factor)
         self.ctx = ctx if ctx is not None else mx.cpu()
         self.input_order = INPUT_ORDER
-        self.pnet, self.rnet, self.onet = (_Net(model_dir, n, self.ctx) for n in ("det1", "det2", "det3"))
+        nets = ("det1", "det2", "det3", "det4") if refine_landmarks else ("det1", "det2", "det3")
+        for path in (os.path.join(model_dir, n + suffix) for n in nets for suffix in ("-symbol.json", "-0001.params")):
+            if not os.path.isfile(path):  # every file checked before any net loads
+                raise ToolkitError(f"{path}: MTCNN file missing (--detect takes insightface's deploy/mtcnn-model "
+                                   "folder: det1..det4 -symbol.json and -0001.params)")
+        self.pnet, self.rnet, self.onet = (_Net(model_dir, n, self.ctx) for n in nets[:3])
         self.lnet = _Net(model_dir, "det4", self.ctx) if refine_landmarks else None
 
     def detect(self, image_rgb: np.ndarray) -> List[Face]:
@@ -268,6 +269,28 @@ def crop_faces(image_rgb: np.ndarray, faces: Sequence[Face], rule: str = "larges
 
     kept = select_faces(faces, rule, np.shape(image_rgb))
     return [(norm_crop(np.asarray(image_rgb), f.landmarks, image_size), f) for f in kept]
+
+
+def alignment_offsets(crop_rgb: np.ndarray, reference_rgb: np.ndarray) -> np.ndarray:
+    """How far two aligned crops of one photo place the face: register ``reference_rgb`` onto ``crop_rgb`` (affine,
+    OpenCV's ECC on grey levels) and return the shift in crop pixels at each of the 5 template points, ``(5,)``.
+
+    Checks an aligner against another one's crops of the same photo without knowing its landmarks.
+    """
+    import cv2
+
+    from deploy.align import reference_landmarks
+
+    ref, mine = (cv2.cvtColor(np.asarray(x, np.uint8), cv2.COLOR_RGB2GRAY).astype(np.float32)
+                 for x in (reference_rgb, crop_rgb))
+    warp = np.eye(2, 3, dtype=np.float32)
+    criteria = (cv2.TERM_CRITERIA_EPS | cv2.TERM_CRITERIA_COUNT, 200, 1e-6)
+    try:
+        _, warp = cv2.findTransformECC(ref, mine, warp, cv2.MOTION_AFFINE, criteria, None, 5)
+    except cv2.error as exc:
+        raise ToolkitError(f"alignment_offsets: the two crops do not register ({_first_line(exc)})") from None
+    p = reference_landmarks(ref.shape[0])
+    return np.linalg.norm(p @ warp[:, :2].T + warp[:, 2] - p, axis=1)
 
 
 def aligned_face(image_rgb: np.ndarray, detector: MtcnnDetector, rule: str = "largest", image_size: int = 112,
