@@ -27,9 +27,10 @@ import numpy as np
 from deploy.mtcnn_boxes import crop_resized, nms, pnet_candidates, pyramid_scales, regress, to_square
 from recognition.common import ToolkitError, symbol_graph
 
-# Measured on ../shared/raw (README, "Raw photos"): fed BGR, O-Net scored 9 of the 10 true faces higher than fed
-# RGB (Nathalie_Baye_0002 0.9963 vs 0.9921, t1.jpg's six 0.990-1.000 vs 0.985-0.999) and the aligned crops came
-# closer to the reference crops (embedding cosine 0.970-0.980 vs 0.950-0.979). Transposed (W, H) input, as the
+# Measured on ../shared/raw (README, "Raw photos"): fed BGR, O-Net scored 8 of the 10 real faces higher than fed
+# RGB (mean logit +2.5; e.g. Nathalie_Baye_0002 0.9963 vs 0.9921) and the aligned crops came closer to the
+# reference crops on all three LFW photos (embedding cosine 0.970-0.980 vs 0.950-0.979); insightface's deploy code
+# also hands the detector cv2's BGR. Transposed (W, H) input, as the
 # Caffe originals take it: RGB found none of the four single faces, BGR two of them at 0.84-0.87 with the eyes
 # stacked vertically, and t1.jpg gave 4 (BGR) or 0 (RGB) faces instead of 6.
 INPUT_ORDER = "bgr"
