@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
@@ -143,6 +144,9 @@ class MtcnnDetector:
     thresholds : face probability needed to pass P-Net, R-Net and O-Net.
     factor : scale step of the image pyramid.
     refine_landmarks : run L-Net (``det4``) on patches around each landmark.
+
+    ``detect`` may be called from several threads (the bound nets are shared, so calls take turns). Its time grows
+    with the photo's area over ``min_face_size`` squared: raise ``min_face_size`` for large photos of large faces.
     """
 
     def __init__(self, model_dir: str, ctx=None, min_face_size: float = 20,
@@ -169,17 +173,23 @@ class MtcnnDetector:
                                    "folder: det1..det4 -symbol.json and -0001.params)")
         self.pnet, self.rnet, self.onet = (_Net(model_dir, n, self.ctx) for n in nets[:3])
         self.lnet = _Net(model_dir, "det4", self.ctx) if refine_landmarks else None
+        self._lock = threading.Lock()
 
     def detect(self, image_rgb: np.ndarray) -> List[Face]:
         """``uint8 (H, W, 3)`` RGB (grey ``(H, W)`` accepted) -> faces sorted by score, best first."""
-        import cv2
-
         img = np.asarray(image_rgb)
         if img.ndim == 2 or (img.ndim == 3 and img.shape[2] == 1):
             img = np.repeat(img.reshape(img.shape[0], img.shape[1], 1), 3, axis=2)
         if img.ndim != 3 or img.shape[2] != 3:
             raise ToolkitError(f"detect: expected an (H, W, 3) RGB image, got shape {img.shape}")
         x = (img[:, :, ::-1] if self.input_order == "bgr" else img).astype(np.float32)
+        with self._lock:
+            return self._cascade(x)
+
+    def _cascade(self, x: np.ndarray) -> List[Face]:
+        """P-Net, R-Net, O-Net (and L-Net) on ``x`` float32 (H, W, 3) in the nets' channel order."""
+        import cv2
+
         h, w = x.shape[:2]
         t1, t2, t3 = self.thresholds
         # stage 1: P-Net on every pyramid level, NMS inside each level, then across levels
