@@ -184,6 +184,18 @@ def test_single_face_and_no_face(detector):
     assert len(detector.detect(grey)) == 1
 
 
+def test_detect_from_several_threads_equals_serial(detector):
+    from concurrent.futures import ThreadPoolExecutor
+
+    photos = [_photo(n + ".jpg") for n in LFW_PHOTOS] * 4
+    serial = [detector.detect(p) for p in photos]
+    with ThreadPoolExecutor(4) as pool:  # without the lock: wrong outputs or "Cannot find attribute shape"
+        threaded = [f for _ in range(2) for f in pool.map(detector.detect, photos)]
+    for a, b in zip(serial * 2, threaded):
+        assert len(a) == len(b) == 1
+        np.testing.assert_array_equal(a[0].landmarks, b[0].landmarks)
+
+
 def test_alignment_lands_where_the_reference_aligner_put_the_face(detector):
     """Register each reference crop (another aligner, MTCNN landmarks) onto the toolkit's crop: the five template
     points may move by at most 3 crop pixels (measured: 2.4 at worst)."""
