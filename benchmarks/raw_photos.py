@@ -71,6 +71,41 @@ def run(raw: str, detector_dir: str, model_spec: str, order: str, refine: bool, 
               f"(reference crops {float(emb_ref[a] @ emb_ref[b]):.4f})")
 
 
+def nearest_in_dataset(raw: str, detector_dir: str, model_spec: str, data_dir: str, top: int = 3) -> None:
+    """For each raw photo with a reference crop: the ``top`` nearest images of a rec + .bin dataset (cosine) to the
+    toolkit's crop, e.g. the same LFW photo as aligned by the dataset's own pipeline."""
+    from deploy.detect import MtcnnDetector, align_faces
+    from deploy.face_model import FaceModel, decode_image, read_image
+    from recognition.rec import RecordReader
+    from recognition.verification import read_bin
+
+    model, det = FaceModel(model_spec, batch_size=64), MtcnnDetector(detector_dir)
+    names, faces = [], []
+    rec = os.path.join(data_dir, "train.rec")
+    if os.path.isfile(rec):
+        reader = RecordReader(rec)
+        for k, lab in zip(reader.image_keys, reader.labels()):
+            names.append(f"train.rec record {k} (class {int(lab)})")
+            faces.append(decode_image(reader.read(k)[1]))
+    for b in sorted(f for f in os.listdir(data_dir) if f.endswith(".bin")):
+        images, _ = read_bin(os.path.join(data_dir, b))
+        names += [f"{b} image {i}" for i in range(len(images))]
+        faces += [np.ascontiguousarray(im.transpose(1, 2, 0)) for im in images]
+    if not faces:
+        raise ToolkitError(f"--search {data_dir}: no train.rec or .bin inside")
+    t0 = time.perf_counter()
+    gallery = model.get_features(faces)
+    print(f"\nnearest of {len(faces)} images in {data_dir} (embedded in {time.perf_counter() - t0:.0f} s):")
+    ref_dir = os.path.join(raw, "aligned_reference")
+    for f in sorted(os.listdir(ref_dir)):
+        found = align_faces(read_image(os.path.join(raw, f)), det)
+        if not found:
+            continue
+        sims = gallery @ model.get_feature(found[0][0])
+        best = np.argsort(-sims)[:top]
+        print(f"  {os.path.splitext(f)[0]:22s} " + "; ".join(f"{sims[i]:.4f} {names[i]}" for i in best))
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--raw", default=os.path.join(SHARED, "raw"), help="folder of raw photos (+ aligned_reference/)")
@@ -79,9 +114,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--input-order", default="bgr", help="comma list of bgr, rgb")
     p.add_argument("--refine", default="0", help="comma list of 0, 1 (det4 landmark refinement)")
     p.add_argument("--repeats", type=int, default=3, help="timed calls per photo after the first")
+    p.add_argument("--search", metavar="DATA_DIR", help="also list the nearest images of this rec/.bin folder "
+                   "(e.g. ../shared/real/lfw_dev) to each toolkit crop")
     args = p.parse_args(argv)
     if not os.path.isdir(args.raw):
         raise ToolkitError(f"--raw {args.raw}: no such folder")
+    if args.search:
+        nearest_in_dataset(args.raw, args.detector, args.model, args.search)
+        return 0
     for order, refine in itertools.product(args.input_order.split(","), args.refine.split(",")):
         if order not in ("bgr", "rgb") or refine not in ("0", "1"):
             raise ToolkitError(f"--input-order {order!r} / --refine {refine!r}: expected bgr|rgb and 0|1")

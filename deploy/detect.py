@@ -36,6 +36,8 @@ from recognition.common import ToolkitError, symbol_graph
 # stacked vertically, and t1.jpg gave 4 (BGR) or 0 (RGB) faces instead of 6.
 INPUT_ORDER = "bgr"
 RULES = ("largest", "central", "all")
+# one input per net, to check parameter shapes at load time (P-Net is fully convolutional: its smallest window)
+_NET_INPUT = {"det1": (1, 3, 12, 12), "det2": (1, 3, 24, 24), "det3": (1, 3, 48, 48), "det4": (1, 15, 24, 24)}
 
 
 @dataclass
@@ -84,6 +86,15 @@ class _Net:
         missing = [a for a in self.symbol.list_arguments() if a != "data" and a not in self.args]
         if missing:
             raise ToolkitError(f"{par_file}: lacks {len(missing)} parameter(s) of {name}: {', '.join(missing[:5])}")
+        try:
+            shapes, _, _ = self.symbol.infer_shape(data=_NET_INPUT.get(name, (1, 3, 48, 48)))
+        except Exception as exc:
+            raise ToolkitError(f"{sym_file}: the graph does not take {name}'s input ({_first_line(exc)})") from None
+        wrong = [f"{a} {tuple(self.args[a].shape)} (graph: {tuple(shp)})"
+                 for a, shp in zip(self.symbol.list_arguments(), shapes)
+                 if a != "data" and tuple(self.args[a].shape) != tuple(shp)]
+        if wrong:
+            raise ToolkitError(f"{par_file}: parameter shapes do not fit {name}'s graph: {', '.join(wrong[:3])}")
         self.ctx, self.cache = ctx, int(cache)
         self._execs: "OrderedDict[tuple, object]" = OrderedDict()
 

@@ -139,6 +139,11 @@ def test_bad_model_folder_is_one_line_naming_the_file(tmp_path, capsys):
     mx.nd.save(str(tmp_path / "det1-0001.params"), {"arg:other": mx.nd.zeros((1,))})
     with pytest.raises(ToolkitError, match=r"det1-0001\.params: lacks 2 parameter\(s\) of det1"):
         MtcnnDetector(str(tmp_path))
+    mx.nd.save(str(tmp_path / "det1-0001.params"), {"arg:conv1_weight": mx.nd.zeros((2, 3, 5, 5)),
+                                                   "arg:conv1_bias": mx.nd.zeros((2,))})
+    with pytest.raises(ToolkitError, match=r"det1-0001\.params: parameter shapes do not fit det1's graph: "
+                                           r"conv1_weight \(2, 3, 5, 5\) \(graph: \(2, 3, 3, 3\)\)"):
+        MtcnnDetector(str(tmp_path))
     with pytest.raises(ToolkitError, match="thresholds"):
         MtcnnDetector(str(tmp_path), thresholds=(0.6, 0.7, 1.5))
     # through a command: one line, exit 2 (the model is never loaded)
