@@ -367,9 +367,12 @@ class _Alloc:
 
 def _load_in_child(path):
     """Load ``path`` in a fresh process; -> (exit code, last stderr line, peak RSS in MB)."""
-    code = ("import resource, sys\nfrom recognition.common import run_cli\nfrom recognition.rec import "
+    # VmHWM of the child's own address space: ru_maxrss would carry the forking parent's peak (Linux keeps it
+    # across fork and exec), so a big pytest process made this check fail after a long suite
+    code = ("import sys\nfrom recognition.common import run_cli\nfrom recognition.rec import "
             "safe_load_bin_pickle\nrc = run_cli(lambda a: safe_load_bin_pickle(sys.argv[1]) and 0)\n"
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)\nsys.exit(rc)")
+            "hwm = [ln for ln in open('/proc/self/status') if ln.startswith('VmHWM:')][0]\n"
+            "print(int(hwm.split()[1]) // 1024)\nsys.exit(rc)")
     p = subprocess.run([sys.executable, "-c", code, path], capture_output=True, text=True, timeout=120)
     return p.returncode, p.stderr.strip().splitlines()[-1], int(p.stdout.split()[-1])
 
