@@ -77,15 +77,20 @@ class Settings:
 def decode_faces(raw: bytes, field: str, model, max_pixels: int = MAX_IMAGE_PIXELS) -> List[np.ndarray]:
     """Encoded image bytes -> aligned faces, each ``uint8 (H, W, 3)`` RGB of the model's input size.
 
-    The one place where the service turns bytes into faces (a face detector plugs in here and may return several).
-    The header's pixel count is checked before decoding (:class:`ImageTooLarge` -> 413); an undecodable image or one
-    of the wrong size (without ``--resize``) -> :class:`ToolkitError` (400).
+    The one place where the service turns bytes into faces. With ``--detect`` (``model`` is a
+    :class:`deploy.detect.FaceDetectingModel`) the photo is raw: MTCNN finds the face the ``--faces`` rule keeps and
+    it is aligned on the ArcFace template; a photo without a face is a 400. The header's pixel count is checked
+    before decoding (:class:`ImageTooLarge` -> 413); an undecodable image or one of the wrong size (without
+    ``--resize``) -> :class:`ToolkitError` (400).
     """
+    from deploy.detect import FaceDetectingModel
     from deploy.face_model import decode_image, prepare_face
 
     check_image(raw, field, max_bytes=len(raw) + 1, max_pixels=max_pixels)
     img = decode_image(raw, field)
     try:
+        if isinstance(model, FaceDetectingModel):
+            return [model.prepare(img)]
         return [prepare_face(img, getattr(model, "image_size", (112, 112)), getattr(model, "resize", False))]
     except ToolkitError as exc:
         raise ToolkitError(f"{field}: {str(exc).split(': ', 1)[-1]}") from None
@@ -109,7 +114,9 @@ class Inference:
                 raise ApiError(413, str(exc)) from None
             except ToolkitError as exc:
                 raise ApiError(400, str(exc)) from None
-        return np.asarray(self.model.get_features(faces), np.float32)
+        # faces are aligned crops by now: embed them with the plain model (a FaceDetectingModel would detect again)
+        embedder = getattr(self.model, "model", self.model) if hasattr(self.model, "detector") else self.model
+        return np.asarray(embedder.get_features(faces), np.float32)
 
     async def embed(self, raws: Sequence[bytes], fields: Sequence[str]) -> np.ndarray:
         """Decode and embed on the worker thread -> ``(N, E)`` float32 L2-normalised."""
@@ -251,10 +258,12 @@ def make_server(model, db_path: str, host: str = "127.0.0.1", port: int = 8080, 
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    from deploy.detect import FaceDetectingModel, add_detect_args, detector_from_args
     from deploy.face_model import add_model_args, model_from_args
 
     p = argparse.ArgumentParser(description="Face registry HTTP service over a checkpoint and an SQLite gallery.")
     add_model_args(p)
+    add_detect_args(p)
     p.set_defaults(batch_size=8)
     p.add_argument("--db", required=True, help="SQLite gallery file (created when absent)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
@@ -278,6 +287,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise ToolkitError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be > 0")
     api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
     model = model_from_args(args)
+    detector = detector_from_args(args)
+    if detector is not None:
+        model = FaceDetectingModel(model, detector, args.faces)
     service = make_server(model, args.db, args.host, args.port, api_key, args.insecure_no_auth,
                           threshold=args.threshold, max_body=int(args.max_body_mb * 2 ** 20),
                           max_pixels=args.max_pixels, max_images=args.max_images, queue=args.queue, chunk=args.chunk,

@@ -306,3 +306,43 @@ def test_deploy_tools_take_raw_photos(detector, fixture_model, tmp_path, capsys)
     assert (tmp_path / "feats" / "skipped.txt").read_text().split() == [str(gallery / "rob" / "view.jpg")]
     feats = np.load(tmp_path / "feats" / "embeddings.npy")
     assert feats.shape == (1, 128) and float(feats[0] @ emb[0]) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_server_takes_raw_photos(detector, fixture_model, tmp_path):
+    """``server.py --detect``: a raw photo registers and identifies by its detected face; a faceless photo is a 400."""
+    import base64
+    import json
+    import urllib.error
+    import urllib.request
+
+    from deploy.detect import FaceDetectingModel
+    from deploy.face_model import FaceModel
+    from deploy.server import make_server
+
+    plain = FaceModel(fixture_model + ",0")
+    service = make_server(FaceDetectingModel(plain, detector), str(tmp_path / "g.sqlite"), "127.0.0.1", 0,
+                          api_key="k" * 16).start()
+
+    def call(path, name):
+        body = json.dumps({"name": "rob", "image": base64.b64encode(open(os.path.join(RAW, name), "rb").read())
+                           .decode()}).encode()
+        req = urllib.request.Request(service.url + path, data=body, method="POST",
+                                     headers={"Content-Type": "application/json", "X-API-Key": "k" * 16})
+        try:
+            with urllib.request.urlopen(req, timeout=120) as resp:
+                return resp.status, json.loads(resp.read())
+        except urllib.error.HTTPError as err:
+            return err.code, json.loads(err.read())
+
+    try:
+        assert call("/registerFace", "Rob_Lowe_0001.jpg")[0] == 200
+        st, out = call("/detectFace", "Rob_Lowe_0002.jpg")
+        # second code path: detect + align here, embed with the plain model, cosine with numpy
+        emb = plain.get_features([crop_faces(_photo(p), detector.detect(_photo(p)))[0][0]
+                                  for p in ("Rob_Lowe_0001.jpg", "Rob_Lowe_0002.jpg")])
+        assert st == 200 and out["candidate"] == "rob"
+        assert out["score"] == pytest.approx(float(emb[0] @ emb[1]), abs=1e-4)
+        st, out = call("/detectFace", "view.jpg")
+        assert st == 400 and "no face found" in out["error"]
+    finally:
+        service.stop()
