@@ -325,7 +325,27 @@ class Trainer:
             logger.info("[%s][%d]Accuracy-Flip: %1.5f+-%1.5f", name, self.step, r["acc"], r["std"])
             self.metrics.write("verify", step=self.step, target=name, acc=float(r["acc"]), std=float(r["std"]),
                                xnorm=float(r["xnorm"]))
+        self._watch_source(results)
         return results
+
+    def _watch_source(self, results: Dict[str, dict]) -> None:
+        """``--source-targets``: log how much of the pretrained accuracy each source target keeps; past
+        ``--max-source-drop`` warn (and with ``--stop-on-source-drop`` stop gracefully after this round)."""
+        plan = self.plan
+        for name in plan.source_targets:
+            if name not in results or name not in self.before:  # the round before training sets ``before``
+                continue
+            before, acc = self.before[name], float(results[name]["acc"])
+            change = acc - before
+            self.metrics.write("kept", step=self.step, target=name, before=before, acc=acc, change=change)
+            if plan.max_source_drop is None or -change <= plan.max_source_drop:
+                continue
+            logger.warning("[%s][%d] source target fell %.5f below the pretrained model (%.5f -> %.5f; "
+                           "--max-source-drop %g)%s", name, self.step, -change, before, acc, plan.max_source_drop,
+                           "; stopping" if plan.stop_on_source_drop else "")
+            self.metrics.write("source_drop", step=self.step, target=name, before=before, acc=acc, change=change)
+            if plan.stop_on_source_drop:
+                self._stop.request(f"--max-source-drop ({name} {change:+.5f})")
 
     def _meta(self) -> dict:
         return dict(fc7_name=self.fc7_name, num_classes=self.plan.num_classes, loss=self.plan.loss,
