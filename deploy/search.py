@@ -6,7 +6,8 @@
 
 ``people/`` and ``probes/`` hold one sub-folder per identity (same names). ``--mode mean`` keeps one normalised
 mean embedding per identity; ``--mode all`` keeps every image (an identity's score is its best image's).
-Scores are cosine similarities of L2-normalised embeddings.
+Scores are cosine similarities of L2-normalised embeddings. ``--detect DIR`` takes raw photos (MTCNN detection and
+alignment first, ``deploy/detect.py``).
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from deploy.detect import FaceDetectingModel, add_detect_args, detector_from_args
 from deploy.extract import list_identity_folder
 from deploy.face_model import FaceModel, add_model_args, l2_normalize, model_from_args
 from recognition.common import ToolkitError, atomic_write, run_cli
@@ -110,12 +112,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--save-gallery", help="write the gallery embeddings to this .npz")
     add_model_args(p)
+    add_detect_args(p)
     args = p.parse_args(argv)
     if args.top_k < 1:
         raise ToolkitError(f"--top-k {args.top_k}: must be >= 1")
     if not os.path.exists(args.gallery):
         raise ToolkitError(f"--gallery {args.gallery} does not exist")
+    detector = detector_from_args(args)
     model = model_from_args(args)
+    if detector is not None:  # raw photos: every gallery, query and probe image is detected and aligned first
+        model = FaceDetectingModel(model, detector, args.faces)
     gallery = Gallery.load(args.gallery) if os.path.isfile(args.gallery) else \
         build_gallery(model, args.gallery, args.mode)
     if args.save_gallery:

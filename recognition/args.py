@@ -103,6 +103,16 @@ def add_finetune_args(parser: argparse.ArgumentParser) -> None:
                    help="frozen: BatchNorm uses its stored statistics throughout")
     g.add_argument("--eval-pretrained", action="store_true", default=None,
                    help="verify the starting model on the targets first and print a before/after table")
+    g.add_argument("--source-targets", default=None,
+                   help="comma list of --target names that stand for what the model already knows (e.g. lfw): "
+                        "each round logs how much of the pretrained accuracy is kept (metrics.jsonl 'kept', a "
+                        "dashed line in curves.png); implies --eval-pretrained")
+    g.add_argument("--max-source-drop", type=float, default=None,
+                   help="warn when a --source-targets accuracy falls more than this below the pretrained model's "
+                        "(accuracy fraction: 0.005 = half a point)")
+    g.add_argument("--stop-on-source-drop", action="store_true", default=None,
+                   help="stop at the first verification round past --max-source-drop (checkpoints and resume "
+                        "state kept, as a graceful stop)")
 
 
 def add_run_args(parser: argparse.ArgumentParser) -> None:
