@@ -42,11 +42,13 @@ from deploy.gallery import FaceGallery
 from deploy.http_guard import LOOPBACK_HOSTS, Guard, protocol_with_header_timeout
 from recognition.common import ToolkitError, run_cli
 from recognition.image_header import MAX_IMAGE_PIXELS, ImageTooLarge, check_image
+from recognition.thresholds import format_threshold, threshold_for_model
 
 logger = logging.getLogger("deploy.server")
 
 MAX_BODY = 16 * 2 ** 20
 API_KEY_ENV = "IFR_API_KEY"
+DEFAULT_THRESHOLD = 0.3  # cosine, when the model's meta.json holds no verified threshold
 __all__ = ["FaceGallery", "FaceService", "ApiError", "Settings", "create_app", "decode_faces", "make_server"]
 
 
@@ -270,7 +272,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--api-key", default=None, help=f"required key (default: ${API_KEY_ENV})")
     p.add_argument("--insecure-no-auth", action="store_true", help="no API key (loopback --host only)")
-    p.add_argument("--threshold", type=float, default=0.3, help="cosine under which a face is 'unknown'")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="cosine under which a face is 'unknown' (default: the model's verified threshold in "
+                        "PREFIX-meta.json, written by recognition.verification; else 0.3)")
     p.add_argument("--max-body-mb", type=float, default=MAX_BODY / 2 ** 20, help="largest request body (MiB)")
     p.add_argument("--max-pixels", type=int, default=MAX_IMAGE_PIXELS, help="largest width x height per image")
     p.add_argument("--max-images", type=int, default=32, help="most images in one request")
@@ -286,12 +290,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if not getattr(args, flag) > 0:
             raise ToolkitError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be > 0")
     api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
+    threshold, source = threshold_for_model(args.model, args.threshold, DEFAULT_THRESHOLD)
+    logger.info("'unknown' under %s: %s", format_threshold(threshold), source)
     model = model_from_args(args)
     detector = detector_from_args(args)
     if detector is not None:
         model = FaceDetectingModel(model, detector, args.faces)
     service = make_server(model, args.db, args.host, args.port, api_key, args.insecure_no_auth,
-                          threshold=args.threshold, max_body=int(args.max_body_mb * 2 ** 20),
+                          threshold=threshold, max_body=int(args.max_body_mb * 2 ** 20),
                           max_pixels=args.max_pixels, max_images=args.max_images, queue=args.queue, chunk=args.chunk,
                           body_timeout=args.body_timeout, header_timeout=args.header_timeout,
                           idle_timeout=args.idle_timeout, max_connections=args.max_connections)

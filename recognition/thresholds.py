@@ -97,5 +97,13 @@ def default_threshold(prefix: Optional[str], given: Optional[float], fallback: f
     return float(fallback), "default (no verified threshold in the model's meta.json)"
 
 
+def threshold_for_model(model: str, given: Optional[float], fallback: float) -> Tuple[float, str]:
+    """:func:`default_threshold` for a ``--model PREFIX,EPOCH`` flag (the sidecar is ``PREFIX-meta.json``)."""
+    from recognition.common import parse_prefix_epoch
+
+    prefix = parse_prefix_epoch(model, "--model", check_files=False)[0] if model else None
+    return default_threshold(prefix, given, fallback)
+
+
 __all__ = ["FARS", "cosine_from_squared_l2", "default_threshold", "far_threshold", "format_threshold",
-           "operating_points", "record_thresholds", "squared_l2_from_cosine"]
+           "operating_points", "record_thresholds", "squared_l2_from_cosine", "threshold_for_model"]

@@ -23,6 +23,7 @@ from recognition.checkpoint_graph import EMBEDDING_NODE as EMBED_NODE  # noqa: F
 from recognition.checkpoint_graph import cut_at_embedding
 from recognition.common import ToolkitError, atomic_write, load_checkpoint, parse_ctx, parse_prefix_epoch, run_cli
 from recognition.rec import safe_load_pickle  # noqa: F401  (public here too: the one restricted .bin unpickler)
+from recognition.thresholds import cosine_from_squared_l2, format_threshold, operating_points, record_thresholds
 
 logger = logging.getLogger("recognition")
 
@@ -331,6 +332,7 @@ def verify_targets(paths: Sequence[str], embed_fn: EmbedFn, batch_size: int = 32
         name = os.path.splitext(os.path.basename(p))[0]
         images, issame = read_bin(p, image_size)
         results[name] = test_bin(([images], issame), embed_fn, batch_size, nfolds, progress, desc=name)
+        results[name]["issame"] = np.asarray(issame, dtype=bool)
     return results
 
 
@@ -339,7 +341,8 @@ def format_result(name: str, r: Dict) -> str:
     tar = ", ".join(f"TAR@FAR={far:g}: {v:.5f}" for far, v in r["tar_at_far"].items())
     return (f"[{name}]XNorm: {r['xnorm']:f}\n[{name}]Accuracy: {r['acc_noflip']:.5f}+-{r['std_noflip']:.5f}\n"
             f"[{name}]Accuracy-Flip: {r['acc']:.5f}+-{r['std']:.5f}\n"
-            f"[{name}]best-threshold accuracy {r['best_threshold_acc']:.5f} at {r['best_threshold']:.2f}; {tar} "
+            f"[{name}]best-threshold accuracy {r['best_threshold_acc']:.5f} at "
+            f"{format_threshold(cosine_from_squared_l2(r['best_threshold']))}; {tar} "
             f"(FAR resolution {r['far_resolution']:.1e}); AUC {r['auc']:.5f}; EER {r['eer']:.5f}; "
             f"{r['num_pairs']} pairs in {r['seconds']:.1f}s")
 
@@ -376,6 +379,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--roc-png", default="", help="write the ROC curves to this PNG")
     p.add_argument("--ctx", default="", help="cpu, gpu:0, ... (default: CUDA_VISIBLE_DEVICES or cpu)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-save-threshold", action="store_true",
+                   help="do not record the thresholds in the model's PREFIX-meta.json (compare, search and the "
+                        "server read it)")
     args = p.parse_args(argv)
     if args.batch_size < 1:
         raise ToolkitError(f"--batch-size {args.batch_size}: must be >= 1")
@@ -393,6 +399,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     results = verify_targets(targets, embedder, args.batch_size, args.nfolds, size, progress=not args.no_progress)
     for name, r in results.items():
         print(format_result(name, r))
+    points = {name: operating_points(r["embeddings"], r["issame"], r["best_threshold"], r["best_threshold_acc"])
+              for name, r in results.items()}
+    for name, pt in points.items():
+        far = ", ".join(f"FAR {k}: " + ("n/a (too few pairs)" if v is None else f"cosine {v:.3f}")
+                        for k, v in pt["far"].items())
+        print(f"[{name}]thresholds: best {format_threshold(pt['cosine'])}; {far}")
+    if points and not args.no_save_threshold:
+        try:
+            path = record_thresholds(prefix, points)
+            print(f"thresholds recorded in {path} (compare, search and the server use them by default)")
+        except ToolkitError as exc:  # a read-only model folder: the figures above still stand
+            logger.warning("thresholds not recorded: %s", exc)
     if args.roc_png:
         save_roc_png(args.roc_png, results)
         print(f"ROC curve written to {args.roc_png}")
