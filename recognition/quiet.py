@@ -11,8 +11,8 @@ and its Python modules raise ``DeprecationWarning`` on import and inside ``mx.nd
 (``distutils`` versions, ``scipy.sparse.csr``, ``ndarray.tostring``), about 5,000 times in the test run.
 
 :func:`install` (called by ``recognition/__init__`` unless verbose) adds warning filters for those third-party
-modules only, and wraps the three MXNet entry points that write the chatter (``Symbol.bind``,
-``Symbol.simple_bind``, ``mx.sym.load``) in :func:`filtered_stderr`: descriptor 2 goes to a temporary file for the
+modules only, and wraps the MXNet entry points that write the chatter (``Symbol.bind``, ``Symbol.simple_bind``,
+``mx.sym.load``, ``mx.sym.load_json``) in :func:`filtered_stderr`: descriptor 2 goes to a temporary file for the
 call and every line that is not one of the known messages is written back. Nothing else is hidden: errors come
 back as exceptions, and any other line MXNet writes is passed through. ``IFR_VERBOSE=1`` (what ``-v`` of every
 command sets, see :func:`recognition.common.run_cli`) turns all of it off.
@@ -115,7 +115,8 @@ def _quiet(fn):
 
 
 def patch_mxnet(mx) -> None:
-    """Wrap ``Symbol.bind``, ``Symbol.simple_bind`` and ``mx.sym.load`` of the imported module ``mx`` (once)."""
+    """Wrap ``Symbol.bind``, ``Symbol.simple_bind``, ``mx.sym.load`` and ``mx.sym.load_json`` of the imported
+    module ``mx`` (once)."""
     global _patched
     if _patched:
         return
@@ -124,10 +125,12 @@ def patch_mxnet(mx) -> None:
         fn = getattr(sym_mod.Symbol, name)
         if not getattr(fn, "_ifr_quiet", False):
             setattr(sym_mod.Symbol, name, _quiet(fn))
-    if not getattr(sym_mod.load, "_ifr_quiet", False):
-        quiet_load = _quiet(sym_mod.load)
-        sym_mod.load = quiet_load
-        mx.symbol.load = quiet_load
+    for name in ("load", "load_json"):
+        fn = getattr(sym_mod, name)
+        if not getattr(fn, "_ifr_quiet", False):
+            quiet_fn = _quiet(fn)
+            setattr(sym_mod, name, quiet_fn)
+            setattr(mx.symbol, name, quiet_fn)
     _patched = True
 
 
