@@ -188,6 +188,23 @@ class Embedder:
         return int(self.module.output_shapes[0][1][1])
 
 
+BACKENDS = ("mxnet", "onnx", "mxnet-plain")
+
+
+def make_embedder(symbol, arg_params: dict, aux_params: dict, ctx=None, batch_size: int = 32,
+                  data_shape: Sequence[int] = (3, 112, 112), backend: str = "mxnet"):
+    """An embedder for ``backend``: ``mxnet`` (the inference form, the default: fastest measured on CPU,
+    ``benchmarks/bench_infer.py``), ``onnx`` (onnxruntime on the checked export, CPU) or ``mxnet-plain`` (the graph
+    as given). All take float32 (N, 3, H, W) RGB 0-255 and return un-normalised (N, E)."""
+    if backend not in BACKENDS:
+        raise ToolkitError(f"--backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    if backend == "onnx":
+        from deploy.onnx_embed import OnnxEmbedder
+
+        return OnnxEmbedder(symbol, arg_params, aux_params, batch_size, data_shape)
+    return Embedder(symbol, arg_params, aux_params, ctx, batch_size, data_shape, optimize=backend == "mxnet")
+
+
 # ----------------------------------------------------------------------------------------------------- maths
 def _fold_indices(n: int, nrof_folds: int) -> List[np.ndarray]:
     """Consecutive folds like ``sklearn.model_selection.KFold(shuffle=False)`` (first folds one larger)."""
@@ -392,6 +409,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--roc-png", default="", help="write the ROC curves to this PNG")
     p.add_argument("--ctx", default="", help="cpu, gpu:0, ... (default: CUDA_VISIBLE_DEVICES or cpu)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--backend", default="mxnet", choices=BACKENDS,
+                   help="inference engine (default mxnet: the folded graph, fastest measured on CPU)")
     args = p.parse_args(argv)
     if args.batch_size < 1:
         raise ToolkitError(f"--batch-size {args.batch_size}: must be >= 1")
@@ -405,7 +424,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for t in targets:
         if not os.path.isfile(t):
             raise ToolkitError(f"--target: verification set {t} does not exist")
-    embedder = Embedder.from_checkpoint(prefix, epoch, parse_ctx(args.ctx), args.batch_size, (3,) + size)
+    symbol, arg_params, aux_params = load_checkpoint(prefix, epoch)
+    embedder = make_embedder(cut_at_embedding(symbol, f"{prefix}-symbol.json"), arg_params, aux_params,
+                             parse_ctx(args.ctx), args.batch_size, (3,) + size, args.backend)
     results = verify_targets(targets, embedder, args.batch_size, args.nfolds, size, progress=not args.no_progress)
     for name, r in results.items():
         print(format_result(name, r))
