@@ -63,6 +63,10 @@ def test_save_load_and_blobs_round_trip(tmp_path):
     np.testing.assert_array_equal(from_rows.matrix, g)
     from_rows.add(g[:1])  # a loaded index still grows
     assert len(from_rows) == 51
+    mapped = EmbeddingIndex.load(str(tmp_path / "g.npy"), mmap=True)
+    np.testing.assert_array_equal(mapped.search(g[:3], 1)[1][:, 0], [0, 1, 2])
+    assert mapped.remove([0]) == 1 and len(mapped.add(g[:2])) == 2  # edits copy the read-only map
+    np.testing.assert_allclose(mapped.matrix[-2:], g[:2], atol=1e-6)
 
 
 def test_bad_inputs_are_one_line(tmp_path):
