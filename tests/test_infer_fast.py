@@ -158,3 +158,25 @@ def test_real_checkpoint_every_backend_within_1e5_cosine(fixture_model):
     except ImportError:
         return
     assert min_cosine(make_embedder(sym, arg, aux, batch_size=4, backend="onnx")(x), ref) > 1 - 1e-5
+
+
+def test_backend_flag_reaches_face_model(tmp_path):
+    """``--backend`` from add_model_args builds the chosen engine; both MXNet forms give the same features."""
+    import argparse
+
+    from deploy.face_model import add_model_args, model_from_args
+    from recognition.common import save_checkpoint
+
+    sym = conv_bn_prelu_fc_bn()
+    arg, aux = random_params(sym, seed=9)
+    save_checkpoint(str(tmp_path / "m"), 0, sym, arg, aux)
+    p = argparse.ArgumentParser()
+    add_model_args(p)
+    models = {b: model_from_args(p.parse_args(["--model", f"{tmp_path}/m,0", "--backend", b, "--batch-size", "2"]))
+              for b in ("mxnet", "mxnet-plain")}
+    assert models["mxnet"].embedder.graph is not None and models["mxnet-plain"].embedder.graph is None
+    imgs = np.random.RandomState(3).randint(0, 256, (3, 112, 112, 3)).astype(np.uint8)
+    a, b = (models[k].get_features(list(imgs)) for k in ("mxnet", "mxnet-plain"))
+    assert min_cosine(a, b) > 1 - 1e-5
+    with pytest.raises(SystemExit):
+        p.parse_args(["--model", "m,0", "--backend", "tvm"])
