@@ -32,6 +32,7 @@ setup(
     ],
     extras_require={
         "onnx": ["onnx<1.16", "onnxruntime"],  # mx.onnx imports onnx.mapping, gone in 1.16
+        "faiss": ["faiss-cpu==1.7.4"],  # only benchmarks/bench_search.py's faiss rows; search itself is NumPy
         "test": ["pytest", "pytest-timeout", "ruff==0.17.6"],
     },
     entry_points={
