@@ -8,6 +8,10 @@
 mean embedding per identity; ``--mode all`` keeps every image (an identity's score is its best image's).
 Scores are cosine similarities of L2-normalised embeddings. ``--detect DIR`` takes raw photos (MTCNN detection and
 alignment first, ``deploy/detect.py``).
+
+Open set: a query whose best score is under ``--threshold`` (a cosine; default the model's verified threshold in
+``PREFIX-meta.json``, see ``recognition/thresholds.py``) is answered ``unknown``, its nearest identities still
+listed: someone who is not in the gallery is not named as the nearest person.
 """
 from __future__ import annotations
 
@@ -23,6 +27,10 @@ from deploy.extract import list_identity_folder
 from deploy.face_model import FaceModel, add_model_args, l2_normalize, model_from_args
 from deploy.gallery_index import EmbeddingIndex
 from recognition.common import ToolkitError, atomic_write, run_cli
+from recognition.thresholds import format_threshold, threshold_for_model
+
+UNKNOWN = "unknown"
+DEFAULT_THRESHOLD = 0.32  # cosine, when the model has no verified threshold (model-y1-test2 on LFW fold 1)
 
 
 class Gallery:
@@ -116,6 +124,12 @@ def rank1_accuracy(model: FaceModel, gallery: Gallery, probe_folder: str) -> Tup
     return correct / len(items), len(items)
 
 
+def answer(row: Sequence[Tuple[str, float]], threshold: float) -> str:
+    """Open-set answer for one query's ranked ``(name, cosine)`` row: the top name when its cosine reaches
+    ``threshold``, else ``unknown``."""
+    return row[0][0] if row and row[0][1] >= threshold else UNKNOWN
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(description="1:N search of aligned faces against a gallery of identities")
     p.add_argument("--gallery", required=True, help="folder of identity sub-folders, or a .npz from --save-gallery")
@@ -124,6 +138,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--probe", help="labelled folder of identity sub-folders: print rank-1 accuracy")
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--save-gallery", help="write the gallery embeddings to this .npz")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="cosine under which a query is 'unknown' (default: the model's verified threshold in "
+                        f"PREFIX-meta.json, else {DEFAULT_THRESHOLD}; -1: always name the nearest identity)")
     add_model_args(p)
     add_detect_args(p)
     args = p.parse_args(argv)
@@ -131,6 +148,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raise ToolkitError(f"--top-k {args.top_k}: must be >= 1")
     if not os.path.exists(args.gallery):
         raise ToolkitError(f"--gallery {args.gallery} does not exist")
+    threshold, source = threshold_for_model(args.model, args.threshold, DEFAULT_THRESHOLD)
     detector = detector_from_args(args)
     model = model_from_args(args)
     if detector is not None:  # raw photos: every gallery, query and probe image is detected and aligned first
@@ -141,8 +159,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         gallery.save(args.save_gallery)
         print(f"gallery of {gallery.num_identities} identities ({len(gallery.names)} rows) -> {args.save_gallery}")
     if args.query:
+        print(f"# query<TAB>answer<TAB>nearest identities; 'unknown' under {format_threshold(threshold)}, {source}")
         for path, row in zip(args.query, gallery.search(model.get_features(args.query), args.top_k)):
-            print(path + "\t" + "  ".join(f"{n}:{s:.4f}" for n, s in row))
+            print(path + "\t" + answer(row, threshold) + "\t" + "  ".join(f"{n}:{s:.4f}" for n, s in row))
     if args.probe:
         acc, n = rank1_accuracy(model, gallery, args.probe)
         print(f"rank-1 accuracy {acc:.4f} on {n} probe images ({gallery.num_identities} gallery identities)")

@@ -1,4 +1,6 @@
 """recognition/thresholds.py: one cosine convention; FAR thresholds by brute force; PREFIX-meta.json records."""
+import os
+
 import numpy as np
 import pytest
 
@@ -73,3 +75,68 @@ def test_operating_points_and_meta_records(tmp_path):
     with pytest.raises(ToolkitError, match=r"--threshold 1.36: a cosine similarity is between -1 and 1 "
                                            r"\(squared L2 1.36 would be cosine 0.320\)"):
         default_threshold(prefix, 1.36, 0.3)
+
+
+# ------------------------------------------------------------------------- verification -> compare / search
+def _tiny_model(tmp_path):
+    import mxnet as mx
+
+    from recognition.backbones import get_symbol
+    from recognition.common import save_checkpoint
+
+    sym = get_symbol("tiny")
+    mx.random.seed(5)
+    mod = mx.mod.Module(sym, label_names=None)
+    mod.bind([("data", (1, 3, 112, 112))], for_training=False)
+    mod.init_params(mx.init.Xavier(magnitude=2.0))
+    arg, aux = mod.get_params()
+    prefix = str(tmp_path / "models")
+    save_checkpoint(prefix, 0, sym, arg, aux)
+    return prefix
+
+
+def _png(path, chw):
+    import cv2
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    cv2.imwrite(str(path), chw.transpose(1, 2, 0)[:, :, ::-1])
+    return str(path)
+
+
+def test_verification_records_and_deploy_tools_use_the_threshold(tiny_data, tmp_path, capsys):
+    from deploy import compare, search
+    from recognition import verification
+    from recognition.common import run_cli
+    from recognition.verification import read_bin
+
+    prefix = _tiny_model(tmp_path)
+    target = tiny_data["bins"][0]
+    assert run_cli(verification.main, ["--model", prefix + ",0", "--target", target, "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    meta = read_meta(prefix)
+    rec = meta["thresholds"]["synth_val"]
+    assert meta["threshold"] == {"cosine": rec["cosine"], "from": "synth_val"}
+    assert f"at cosine {rec['cosine']:.3f} (squared L2 {rec['squared_l2']:.3f})" in out
+    assert rec["far"] == {"0.001": None, "0.0001": None}  # 30 impostor pairs cannot measure these
+    images, _ = read_bin(target)
+    a, b = _png(tmp_path / "a.png", images[0]), _png(tmp_path / "b.png", images[1])
+    assert run_cli(compare.main, ["--model", prefix + ",0", a, b]) == 0
+    line = capsys.readouterr().out
+    assert f"threshold cosine {rec['cosine']:.3f}" in line and "verified on synth_val" in line
+
+    # search: a query far from everyone is 'unknown' under the model's threshold; -1 names the nearest anyway
+    for i, name in enumerate(("ann", "bob")):
+        _png(tmp_path / "people" / name / "0.png", images[2 * i])
+    meta["threshold"]["cosine"] = 0.999  # only a gallery image itself reaches it
+    write_meta(prefix, **meta)
+    q_known, q_other = str(tmp_path / "people" / "ann" / "0.png"), _png(tmp_path / "q.png", images[7])
+    args = ["--model", prefix + ",0", "--gallery", str(tmp_path / "people"), "--top-k", "2", "--query"]
+    assert run_cli(search.main, args + [q_known, q_other]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("# query") and "cosine 0.999" in lines[0]
+    assert lines[1].split("\t")[1] == "ann" and lines[2].split("\t")[1] == "unknown"
+    assert lines[2].split("\t")[2].split(":")[0] in ("ann", "bob")  # the nearest are still listed
+    assert run_cli(search.main, args + [q_other, "--threshold", "-1"]) == 0
+    assert capsys.readouterr().out.splitlines()[1].split("\t")[1] in ("ann", "bob")
+    assert search.answer([("ann", 0.5), ("bob", 0.1)], 0.4) == "ann"
+    assert search.answer([("ann", 0.3)], 0.4) == search.UNKNOWN
