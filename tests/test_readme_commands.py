@@ -20,18 +20,22 @@ from typing import Dict, List, NamedTuple, Optional
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-COMMAND_RE = re.compile(r"^(?:[A-Z_]+=\S+\s+)*(?:python3?|bash|pip|ruff|cd)\b")
+COMMAND_RE = re.compile(r"^(?:[A-Z_]+=\S+\s+)*(?:python3?|bash|pip|ruff|cd|export)\b")
+MTCNN = os.path.join(os.path.dirname(ROOT), "shared", "models", "mtcnn")
+RAW = os.path.join(os.path.dirname(ROOT), "shared", "raw")
 
 
 class Run(NamedTuple):
     """Run the command with ``replace`` (text substitutions making it tiny) and ``append`` (extra arguments);
-    ``check`` names a function checking its outcome; ``serve``: a server, polled on /health then stopped."""
+    ``check`` names a function checking its outcome; ``serve``: a server, polled on /health then stopped;
+    ``needs``: 'mtcnn' when it needs insightface's MTCNN weights and real photos (``../shared``; skipped without)."""
 
     replace: Dict[str, str] = {}
     append: str = ""
     env: Dict[str, str] = {}
     check: Optional[str] = None
     serve: bool = False
+    needs: Optional[str] = None
 
 
 class Skip(NamedTuple):
@@ -76,6 +80,26 @@ COMMANDS = {
         Run(replace={"x1,y1,...,x5,y5": "38.3,51.7,73.5,51.5,56.0,71.7,41.5,92.4,70.7,92.2"}),
     "python deploy/server.py --model models/run/models,0 --db gallery.sqlite --port 8080":
         Run(replace={"8080": "{PORT}"}, serve=True),
+    "python deploy/align.py --image photo.jpg --detect ../models/mtcnn --output aligned.jpg":
+        Run(replace={"photo.jpg": "raw1.jpg"}, needs="mtcnn"),
+    "export IFR_API_KEY=$(openssl rand -hex 16)": Skip("sets the key of the next command (given to it here)"),
+    "python deploy/server.py --model models/run/models,0 --db gallery.sqlite --host 0.0.0.0 --port 8080":
+        Run(replace={"0.0.0.0": "127.0.0.1", "8080": "{PORT}"}, env={"IFR_API_KEY": "k" * 32}, serve=True),
+    "python -m datasets.tools align --src photos/ --out aligned/ --detector ../models/mtcnn": Run(needs="mtcnn"),
+    "python -m datasets.tools folder2rec --src aligned/ --out data/mine":
+        Run(replace={"data/mine": "data/mine_aligned"}, needs="mtcnn"),
+    "python deploy/compare.py --model M,0 --detect ../models/mtcnn raw1.jpg raw2.jpg":
+        Run(replace={"M,0": "models/run/models,0"}, needs="mtcnn"),
+    "python deploy/extract.py --model M,0 --detect ../models/mtcnn --input photos/ --output feats/":
+        Run(replace={"M,0": "models/run/models,0", "feats/": "feats_raw/"}, needs="mtcnn"),
+    "python deploy/search.py --model M,0 --detect ../models/mtcnn --gallery photos/ --query raw.jpg":
+        Run(replace={"M,0": "models/run/models,0"}, needs="mtcnn"),
+    "python deploy/align.py --detect ../models/mtcnn --image group.jpg --output face.jpg --faces all":
+        Run(needs="mtcnn"),
+    "IFR_API_KEY=secret python deploy/server.py --model M,0 --detect ../models/mtcnn --db gallery.sqlite":
+        Run(replace={"M,0": "models/run/models,0"}, append=" --port {PORT}", serve=True, needs="mtcnn"),
+    "python -m datasets.tools align --src photos/ --out faces/ --detector ../models/mtcnn":
+        Run(replace={"faces/": "faces_detected/"}, needs="mtcnn"),
     "python -m datasets.synth --out data/A --domain A --num-classes 200 --images-per-class 20":
         Run(replace={"200": "4", "20": "3"}),
     "python -m datasets.tools folder2rec --src faces/ --out data/mine": Run(),
@@ -167,6 +191,16 @@ def workspace(tmp_path_factory):
     for name, im in (("a.jpg", rgb[0]), ("b.jpg", rgb[1]), ("q.jpg", rgb[2]), ("photo.jpg", rgb[3])):
         _write_png(str(clone / name), im)
     (clone / "pairs.txt").write_text("p0/p0_0001.png p0/p0_0002.png 1\np0/p0_0001.png p1/p1_0001.png 0\n")
+    if os.path.isdir(MTCNN) and os.path.isdir(RAW):  # the --detect commands: real photos, the real detector
+        os.symlink(MTCNN, w / "models" / "mtcnn")
+        for person, files in (("Rob_Lowe", ("Rob_Lowe_0001.jpg", "Rob_Lowe_0002.jpg")),
+                              ("Nathalie_Baye", ("Nathalie_Baye_0002.jpg",))):
+            os.makedirs(clone / "photos" / person)
+            for f in files:
+                shutil.copy(os.path.join(RAW, f), clone / "photos" / person / f)
+        for name, src in (("raw1.jpg", "Rob_Lowe_0001.jpg"), ("raw2.jpg", "Rob_Lowe_0002.jpg"),
+                          ("raw.jpg", "Nathalie_Baye_0002.jpg"), ("group.jpg", "t1.jpg")):
+            shutil.copy(os.path.join(RAW, src), clone / name)
     shutil.copy(mine / "lfw.bin", clone / "lfw.bin")
     shutil.copy(mine / "lfw.bin", clone / "cfp_fp.bin")
     assert np.asarray(images).shape[1:] == (3, 112, 112)
@@ -227,7 +261,7 @@ def test_readme_commands_run(workspace):
     failures = []
     for cmd in readme_commands():
         spec = COMMANDS[cmd]
-        if isinstance(spec, Skip):
+        if isinstance(spec, Skip) or (spec.needs == "mtcnn" and not os.path.exists(w / "models" / "mtcnn")):
             continue
         if "export_onnx" in cmd:
             pytest.importorskip("onnx")
