@@ -2,11 +2,12 @@
 
     python deploy/extract.py --model ../models/model-y1-test2/model,0 --input faces/ --output feats/
 
-Writes ``OUTPUT/embeddings.npy`` (float32 (N, E), L2-normalised, flip-summed) and ``OUTPUT/index.tsv``
-(``name<TAB>label<TAB>path`` per row of the array). Work is saved in chunks (``OUTPUT/chunks/``, each written
-atomically), so an interrupted run restarted with the same arguments skips what is done. Unreadable images are
-skipped, counted and listed in ``OUTPUT/skipped.txt``. Raw photos: ``--detect DIR`` (MTCNN, ``deploy/detect.py``)
-finds, aligns and embeds the face ``--faces largest|central`` keeps; photos without a face are skipped and listed.
+Writes ``OUTPUT/embeddings.npy`` (float32 (N, E), L2-normalised, flip-summed) and ``OUTPUT/index.tsv`` (a
+``name<TAB>label<TAB>path`` header, then one such line per row of the array). Work is saved in chunks
+(``OUTPUT/chunks/``, each written atomically), so an interrupted run restarted with the same arguments skips what
+is done. Unreadable images are skipped, counted and listed in ``OUTPUT/skipped.txt``. Raw photos: ``--detect DIR``
+(MTCNN, ``deploy/detect.py``) finds, aligns and embeds the face ``--faces largest|central`` keeps; photos without a
+face are skipped and listed.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from recognition.common import ToolkitError, atomic_write, run_cli
 logger = logging.getLogger("recognition")
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 Item = Tuple[str, int, str]  # (identity name, label, path or "rec:KEY")
+INDEX_HEADER = "name\tlabel\tpath\n"  # first line of index.tsv: the columns, then one line per embedding
 
 
 def list_identity_folder(folder: str) -> List[Item]:
@@ -116,7 +118,7 @@ def extract(model: FaceModel, source: str, output: str, chunk_size: int = 1024, 
     aligned and embedded; photos without a face are skipped and listed like unreadable ones.
     Returns ``{num_images, num_skipped, chunks_done, chunks_reused, embeddings, index}``.
     """
-    from tqdm import tqdm
+    from recognition.progress import Progress
 
     if chunk_size < 1:
         raise ToolkitError(f"--chunk-size {chunk_size}: must be >= 1")
@@ -138,7 +140,7 @@ def extract(model: FaceModel, source: str, output: str, chunk_size: int = 1024, 
     else:
         with atomic_write(mpath, "w") as f:
             json.dump(manifest, f)
-    bar = tqdm(total=len(items), unit="img", disable=not progress or not sys.stderr.isatty())
+    bar = Progress(len(items), "extract", unit="img", enabled=progress)  # a bar on a terminal, else log lines
     embs, oks, done, reused = [], [], 0, 0
     for c, start in enumerate(range(0, len(items), chunk_size)):
         cpath = os.path.join(chunk_dir, "chunk_%06d.npz" % c)
@@ -162,6 +164,7 @@ def extract(model: FaceModel, source: str, output: str, chunk_size: int = 1024, 
     with atomic_write(emb_path, "wb") as f:
         np.save(f, emb.astype(np.float32))
     with atomic_write(index_path, "w") as f:
+        f.write(INDEX_HEADER)
         f.writelines(f"{n}\t{lab}\t{p}\n" for (n, lab, p), good in zip(items, ok) if good)
     with atomic_write(os.path.join(output, "skipped.txt"), "w") as f:
         f.writelines(f"{p}\n" for (_, _, p), good in zip(items, ok) if not good)
@@ -198,9 +201,13 @@ def _embed_chunk(model: FaceModel, part: Sequence[Item], load) -> Tuple[np.ndarr
 
 
 def load_index(path: str) -> List[Item]:
-    """Read ``index.tsv`` back: ``[(name, label, path), ...]``."""
+    """Read ``index.tsv`` back: ``[(name, label, path), ...]`` (row i = row i of ``embeddings.npy``; the header
+    line, and its absence in files of earlier versions, are both accepted)."""
     with open(path) as f:
-        return [(n, int(lab), p) for n, lab, p in (line.rstrip("\n").split("\t") for line in f if line.strip())]
+        rows = [line.rstrip("\n").split("\t") for line in f if line.strip()]
+    if rows and rows[0] == INDEX_HEADER.rstrip("\n").split("\t"):
+        rows = rows[1:]
+    return [(n, int(lab), p) for n, lab, p in rows]
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

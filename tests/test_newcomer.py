@@ -299,3 +299,25 @@ def test_model_slim_on_a_slim_model_says_so_and_meta_follows(tmp_path, capsys):
     assert run_cli(main, ["--model", str(tmp_path / "full") + ",0"]) == 0
     assert "removed 2 array(s)" in capsys.readouterr().out
     assert read_meta(str(tmp_path / "fulls")) == {"network": "tiny", "emb_size": 128, "slim": True}
+
+
+def test_extract_index_has_a_header_and_reads_back(tmp_path):
+    import cv2
+
+    from deploy import extract
+    from deploy.face_model import FaceModel
+
+    prefix = _old_version_checkpoint(tmp_path)
+    rng = np.random.RandomState(0)
+    for name in ("ann", "bob"):
+        os.makedirs(tmp_path / "faces" / name)
+        cv2.imwrite(str(tmp_path / "faces" / name / "0.png"), rng.randint(0, 255, (112, 112, 3)).astype(np.uint8))
+    r = extract.extract(FaceModel(prefix + ",0"), str(tmp_path / "faces"), str(tmp_path / "feats"))
+    with open(r["index"]) as f:
+        lines = f.read().splitlines()
+    assert lines[0] == "name\tlabel\tpath" and len(lines) == 1 + len(np.load(r["embeddings"]))
+    assert extract.load_index(r["index"]) == [("ann", 0, str(tmp_path / "faces" / "ann" / "0.png")),
+                                              ("bob", 1, str(tmp_path / "faces" / "bob" / "0.png"))]
+    with open(tmp_path / "old.tsv", "w") as f:  # an index written before the header: still read
+        f.write("ann\t0\ta.png\n")
+    assert extract.load_index(str(tmp_path / "old.tsv")) == [("ann", 0, "a.png")]
