@@ -5,6 +5,7 @@ describes (``../models/model-y1-test2/model,0``, ``../datasets/mine``, ``models/
 A README command without an entry in :data:`COMMANDS` fails the test (add how to run it, or why it cannot run
 here); an entry whose command left the README fails too. So the README cannot drift from the code again.
 """
+import contextlib
 import json
 import os
 import re
@@ -286,11 +287,12 @@ def test_readme_commands_run(workspace):
                         if proc.poll() is not None:
                             break
                         time.sleep(0.5)
-                if not ok:
-                    failures.append(f"{cmd}: no /health answer")
             finally:
-                os.killpg(proc.pid, 15)
-                proc.wait(timeout=60)
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, 15)
+                output = proc.communicate(timeout=60)[0]
+            if not ok:
+                failures.append(f"{cmd}\n  ran: {text}\n  no /health answer: {output.strip()[-1500:]}")
             continue
         out = subprocess.run(["bash", "-c", text], cwd=str(w / "clone"), env=run_env, capture_output=True,
                              text=True, timeout=900)
