@@ -27,7 +27,7 @@ import numpy as np
 
 from datasets.folder2rec import IMAGE_EXTS
 from deploy.detect import add_detector_options, crop_faces, detector_from_args
-from recognition.common import ToolkitError, atomic_write, run_cli, setup_logging
+from recognition.common import DefaultsHelpFormatter, ToolkitError, atomic_write, run_cli, setup_logging
 
 logger = logging.getLogger("recognition")
 REPORT, NO_FACE, UNREADABLE = "align_report.tsv", "no_face.txt", "unreadable.txt"
@@ -140,7 +140,8 @@ def _describe(rule: str, kept) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m datasets.tools align", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(formatter_class=DefaultsHelpFormatter,
+                                 prog="python -m datasets.tools align", description=__doc__.split("\n\n")[0])
     ap.add_argument("--src", required=True, help="folder of person sub-folders of raw photos")
     ap.add_argument("--out", required=True, help="output folder: <person>/<image>.jpg, ready for folder2rec")
     ap.add_argument("--detector", required=True, metavar="DIR",

@@ -17,7 +17,7 @@ import sys
 from typing import Optional, Sequence
 
 from datasets.folder2rec import image_kind
-from recognition.common import ToolkitError, atomic_write, run_cli
+from recognition.common import DefaultsHelpFormatter, ToolkitError, atomic_write, run_cli
 from recognition.image_header import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS
 from recognition.rec import safe_load_bin_pickle
 
@@ -42,7 +42,7 @@ def bin2images(path: str, out_dir: str, max_image_bytes: int = MAX_IMAGE_BYTES,
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m datasets.bin2images", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                 formatter_class=DefaultsHelpFormatter)
     ap.add_argument("--bin", required=True, help="verification NAME.bin")
     ap.add_argument("--out", required=True, help="output folder")
     ap.add_argument("--max-image-bytes", type=int, default=MAX_IMAGE_BYTES, help="largest encoded image accepted")

@@ -19,7 +19,7 @@ from typing import List, Optional, Sequence, Tuple
 import cv2
 import numpy as np
 
-from recognition.common import ToolkitError, atomic_write, run_cli
+from recognition.common import DefaultsHelpFormatter, ToolkitError, atomic_write, run_cli
 from recognition.rec import write_dataset
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -146,7 +146,7 @@ def folder2rec(src: str, out_dir: str, image_size: int = 112, identity_records: 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m datasets.folder2rec", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                 formatter_class=DefaultsHelpFormatter)
     ap.add_argument("--src", required=True, help="folder of identity sub-folders, or a .lst file")
     ap.add_argument("--out", required=True, help="output folder")
     ap.add_argument("--root", default=None, help="folder that .lst paths are relative to (default: the .lst's)")

@@ -21,7 +21,7 @@ import sys
 from typing import List, Optional, Sequence, Tuple
 
 from datasets.folder2rec import image_bytes
-from recognition.common import ToolkitError, run_cli
+from recognition.common import DefaultsHelpFormatter, ToolkitError, run_cli
 from recognition.rec import save_bin
 
 _TRUE, _FALSE = {"1", "true", "yes", "same"}, {"0", "false", "no", "diff", "different"}
@@ -77,7 +77,7 @@ def pairs2bin(pairs: str, out_bin: str, root: Optional[str] = None, image_size: 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m datasets.pairs2bin", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                 formatter_class=DefaultsHelpFormatter)
     ap.add_argument("--pairs", required=True, help="pairs file ('path1 path2 issame' or LFW pairs.txt)")
     ap.add_argument("--out", required=True, help="output NAME.bin")
     ap.add_argument("--root", default=None, help="image folder (default: the pairs file's folder)")

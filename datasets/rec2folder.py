@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from datasets.folder2rec import image_kind
-from recognition.common import ToolkitError, atomic_write, run_cli
+from recognition.common import DefaultsHelpFormatter, ToolkitError, atomic_write, run_cli
 from recognition.rec import RecordReader
 
 
@@ -44,7 +44,7 @@ def rec2folder(rec: str, out_dir: str) -> dict:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m datasets.rec2folder", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                 formatter_class=DefaultsHelpFormatter)
     ap.add_argument("--rec", required=True, help="train.rec (train.idx next to it), or its folder")
     ap.add_argument("--out", required=True, help="output folder")
     args = ap.parse_args(argv)

@@ -22,7 +22,7 @@ from typing import Optional, Sequence
 import cv2
 import numpy as np
 
-from recognition.common import ToolkitError, run_cli
+from recognition.common import DefaultsHelpFormatter, ToolkitError, run_cli
 from recognition.rec import RecordReader, read_property
 
 
@@ -103,7 +103,7 @@ def _print_bin(path: str, info: dict) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m datasets.rec_info", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                 formatter_class=DefaultsHelpFormatter)
     ap.add_argument("rec", help="train.rec or its folder, or a verification .bin")
     ap.add_argument("--sample", type=int, default=16, help="images decoded to check their size")
     args = ap.parse_args(argv)

@@ -24,7 +24,7 @@ from typing import Dict, List, Optional, Sequence
 import cv2
 import numpy as np
 
-from recognition.common import ToolkitError, run_cli
+from recognition.common import DefaultsHelpFormatter, ToolkitError, run_cli
 from recognition.rec import save_bin, write_dataset
 
 DOMAINS = {"A": 0, "B": 1}
@@ -245,7 +245,7 @@ def generate_dataset(out_dir: str, num_classes: int = 20, images_per_class: int 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m datasets.synth", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                 formatter_class=DefaultsHelpFormatter)
     ap.add_argument("--out", required=True, help="output folder (train.rec, train.idx, property, NAME.bin)")
     ap.add_argument("--num-classes", type=int, default=20, help="training identities")
     ap.add_argument("--images-per-class", type=int, default=8)

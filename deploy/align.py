@@ -19,7 +19,7 @@ from typing import List, Optional, Sequence
 import numpy as np
 
 from deploy.detect import add_detect_args, detector_from_args, select_faces
-from recognition.common import ToolkitError, atomic_write, run_cli
+from recognition.common import DefaultsHelpFormatter, ToolkitError, atomic_write, run_cli
 
 # The ArcFace 5-point reference positions in a 112x112 crop (insightface's alignment template).
 ARCFACE_REFERENCE = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366],
@@ -98,7 +98,8 @@ def _write(path: str, img: np.ndarray) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(description="Align faces to the 112x112 ArcFace crop from 5 landmarks")
+    p = argparse.ArgumentParser(formatter_class=DefaultsHelpFormatter,
+                                description="Align faces to the 112x112 ArcFace crop from 5 landmarks")
     p.add_argument("--image", help="one image to align (with --landmarks and --output)")
     p.add_argument("--landmarks", help="x1,y1,...,x5,y5: eyes, nose, mouth corners")
     p.add_argument("--output", help="aligned image path")

@@ -18,7 +18,7 @@ import numpy as np
 
 from deploy.detect import FaceDetectingModel, add_detect_args, detector_from_args
 from deploy.face_model import FaceModel, ImageLike, add_model_args, model_from_args
-from recognition.common import run_cli
+from recognition.common import DefaultsHelpFormatter, run_cli
 from recognition.thresholds import format_threshold, threshold_for_model
 
 # model-y1-test2's best threshold over LFW fold 1 (ifr-verify: squared L2 1.36) as a cosine; used when the model's
@@ -37,7 +37,8 @@ def compare_faces(model: FaceModel, img1: ImageLike, img2: ImageLike,
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(description="Cosine similarity / squared L2 of two aligned faces (raw photos with "
+    p = argparse.ArgumentParser(formatter_class=DefaultsHelpFormatter,
+                                description="Cosine similarity / squared L2 of two aligned faces (raw photos with "
                                             "--detect)")
     p.add_argument("image1")
     p.add_argument("image2")

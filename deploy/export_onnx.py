@@ -19,7 +19,14 @@ from unittest import mock
 
 import numpy as np
 
-from recognition.common import ToolkitError, atomic_write, load_checkpoint, parse_prefix_epoch, run_cli
+from recognition.common import (
+    DefaultsHelpFormatter,
+    ToolkitError,
+    atomic_write,
+    load_checkpoint,
+    parse_prefix_epoch,
+    run_cli,
+)
 
 logger = logging.getLogger("deploy.export_onnx")
 
@@ -226,7 +233,8 @@ def _image_size(text: str) -> tuple:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Export a checkpoint's embedding (fc1_output) to ONNX and check it "
+    p = argparse.ArgumentParser(formatter_class=DefaultsHelpFormatter,
+                                description="Export a checkpoint's embedding (fc1_output) to ONNX and check it "
                                             "against MXNet with onnxruntime.")
     p.add_argument("--model", required=True, help="checkpoint PREFIX,EPOCH (full or slim)")
     p.add_argument("--output", required=True, help="the .onnx file to write")

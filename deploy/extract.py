@@ -23,7 +23,7 @@ import numpy as np
 
 from deploy.detect import add_detect_args, detector_from_args
 from deploy.face_model import FaceModel, add_model_args, decode_image, model_from_args, prepare_face, read_image
-from recognition.common import ToolkitError, atomic_write, run_cli
+from recognition.common import DefaultsHelpFormatter, ToolkitError, atomic_write, run_cli
 
 logger = logging.getLogger("recognition")
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -211,7 +211,8 @@ def load_index(path: str) -> List[Item]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(description="Embeddings of aligned faces (folder / list file / rec) to .npy + index; "
+    p = argparse.ArgumentParser(formatter_class=DefaultsHelpFormatter,
+                                description="Embeddings of aligned faces (folder / list file / rec) to .npy + index; "
                                             "raw photos with --detect")
     p.add_argument("--input", required=True, help="folder of identity sub-folders, list file, or train.rec (folder)")
     p.add_argument("--output", required=True, help="output folder (embeddings.npy, index.tsv, chunks/)")

@@ -16,7 +16,14 @@ from typing import List, Optional, Sequence
 import numpy as np
 
 from recognition.checkpoint_graph import EMBEDDING_NODE
-from recognition.common import ToolkitError, load_checkpoint, parse_prefix_epoch, run_cli, save_checkpoint
+from recognition.common import (
+    DefaultsHelpFormatter,
+    ToolkitError,
+    load_checkpoint,
+    parse_prefix_epoch,
+    run_cli,
+    save_checkpoint,
+)
 from recognition.load_report import read_meta, write_meta
 from recognition.pretrained import cut_at_embedding
 
@@ -77,7 +84,7 @@ def slim_checkpoint(prefix: str, epoch: int, out_prefix: Optional[str] = None, o
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Cut a training checkpoint at fc1_output: drop fc7 and the loss.",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=DefaultsHelpFormatter)
     parser.add_argument("--model", required=True, help="checkpoint PREFIX,EPOCH (or PREFIX-0000.params)")
     parser.add_argument("--output", default=None,
                         help="output PREFIX[,EPOCH] (default: the input prefix + 's', epoch 0, as insightface)")

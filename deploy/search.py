@@ -26,7 +26,7 @@ from deploy.detect import FaceDetectingModel, add_detect_args, detector_from_arg
 from deploy.extract import list_identity_folder
 from deploy.face_model import FaceModel, add_model_args, l2_normalize, model_from_args
 from deploy.gallery_index import EmbeddingIndex
-from recognition.common import ToolkitError, atomic_write, run_cli
+from recognition.common import DefaultsHelpFormatter, ToolkitError, atomic_write, run_cli
 from recognition.thresholds import format_threshold, threshold_for_model
 
 UNKNOWN = "unknown"
@@ -131,7 +131,8 @@ def answer(row: Sequence[Tuple[str, float]], threshold: float) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(description="1:N search of aligned faces against a gallery of identities")
+    p = argparse.ArgumentParser(formatter_class=DefaultsHelpFormatter,
+                                description="1:N search of aligned faces against a gallery of identities")
     p.add_argument("--gallery", required=True, help="folder of identity sub-folders, or a .npz from --save-gallery")
     p.add_argument("--mode", default="mean", choices=["mean", "all"], help="one mean embedding or all per identity")
     p.add_argument("--query", nargs="*", default=[], help="images to identify")

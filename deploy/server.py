@@ -40,7 +40,7 @@ import numpy as np
 
 from deploy.gallery import FaceGallery
 from deploy.http_guard import LOOPBACK_HOSTS, Guard, protocol_with_header_timeout
-from recognition.common import ToolkitError, run_cli
+from recognition.common import DefaultsHelpFormatter, ToolkitError, run_cli
 from recognition.image_header import MAX_IMAGE_PIXELS, ImageTooLarge, check_image
 from recognition.thresholds import format_threshold, threshold_for_model
 
@@ -263,7 +263,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from deploy.detect import FaceDetectingModel, add_detect_args, detector_from_args
     from deploy.face_model import add_model_args, model_from_args
 
-    p = argparse.ArgumentParser(description="Face registry HTTP service over a checkpoint and an SQLite gallery.")
+    p = argparse.ArgumentParser(formatter_class=DefaultsHelpFormatter,
+                                description="Face registry HTTP service over a checkpoint and an SQLite gallery.")
     add_model_args(p)
     add_detect_args(p)
     p.set_defaults(batch_size=8)

@@ -42,7 +42,15 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from recognition.common import ToolkitError, load_checkpoint, parse_ctx, parse_prefix_epoch, run_cli, setup_logging
+from recognition.common import (
+    DefaultsHelpFormatter,
+    ToolkitError,
+    load_checkpoint,
+    parse_ctx,
+    parse_prefix_epoch,
+    run_cli,
+    setup_logging,
+)
 from recognition.features import FeatureExtractor, LabelledImages, l2_normalize
 from recognition.verification import EMBED_NODE, evaluate
 
@@ -284,7 +292,7 @@ def format_report(r: Dict) -> str:
 def build_parser() -> argparse.ArgumentParser:
     t = Thresholds()
     p = argparse.ArgumentParser(prog="advise.py", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=DefaultsHelpFormatter)
     p.add_argument("--pretrained", required=True, help="checkpoint PREFIX,EPOCH")
     p.add_argument("--data", required=True, help="DIR with train.rec/train.idx (or a folder of identity folders)")
     p.add_argument("--network", default=None, help="network name to put in the suggested train.py command")

@@ -1,6 +1,7 @@
 """Small helpers every script shares: user-facing errors, contexts, atomic files, checkpoint names."""
 from __future__ import annotations
 
+import argparse
 import contextlib
 import logging
 import os
@@ -353,3 +354,18 @@ def _cpu():
     import mxnet as mx
 
     return mx.cpu()
+
+
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """``--help`` that shows each option's default, unless its help already names one or it is unset (None, False,
+    empty): ``argparse.ArgumentDefaultsHelpFormatter`` without "(default 20) (default: 20)" or "(default: None)"."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if not action.option_strings or "default" in text or action.default in (None, False, "", [], argparse.SUPPRESS):
+            return text
+        return text + " (default: %(default)s)"
+
+
+class RawDefaultsHelpFormatter(DefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """:class:`DefaultsHelpFormatter` keeping the description's own line breaks."""

@@ -31,7 +31,15 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from recognition.common import ToolkitError, atomic_write, parse_ctx, parse_prefix_epoch, run_cli, setup_logging
+from recognition.common import (
+    DefaultsHelpFormatter,
+    ToolkitError,
+    atomic_write,
+    parse_ctx,
+    parse_prefix_epoch,
+    run_cli,
+    setup_logging,
+)
 from recognition.features import FeatureExtractor, LabelledImages, extract, l2_normalize, list_images, read_image
 from recognition.verification import EMBED_NODE
 
@@ -215,7 +223,7 @@ def resolve_threshold(probe: Dict, flag: Optional[float]) -> Optional[float]:
 
 
 # --------------------------------------------------------------------------------------------------------- CLI
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+class _HelpFormatter(DefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """``--help`` with each flag's default and the description as written."""
 
 

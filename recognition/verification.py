@@ -21,7 +21,15 @@ import numpy as np
 
 from recognition.checkpoint_graph import EMBEDDING_NODE as EMBED_NODE  # noqa: F401  (re-exported, one definition)
 from recognition.checkpoint_graph import cut_at_embedding
-from recognition.common import ToolkitError, atomic_write, load_checkpoint, parse_ctx, parse_prefix_epoch, run_cli
+from recognition.common import (
+    DefaultsHelpFormatter,
+    ToolkitError,
+    atomic_write,
+    load_checkpoint,
+    parse_ctx,
+    parse_prefix_epoch,
+    run_cli,
+)
 from recognition.rec import safe_load_pickle  # noqa: F401  (public here too: the one restricted .bin unpickler)
 from recognition.thresholds import cosine_from_squared_l2, format_threshold, operating_points, record_thresholds
 
@@ -403,7 +411,8 @@ def save_roc_png(path: str, results: Dict[str, Dict]) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="ifr-verify", description="Verification accuracy of a checkpoint on .bin sets")
+    p = argparse.ArgumentParser(formatter_class=DefaultsHelpFormatter,
+                                prog="ifr-verify", description="Verification accuracy of a checkpoint on .bin sets")
     p.add_argument("--model", required=True, help="PREFIX,EPOCH of the checkpoint (full or slim)")
     p.add_argument("--target", required=True, help="comma-separated .bin files (lfw.bin,cfp_fp.bin,...)")
     p.add_argument("--batch-size", type=int, default=32)
