@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from typing import Dict, Sequence
 
+import numpy as np
+
 from recognition.common import symbol_json
 
 
@@ -48,6 +50,7 @@ class Verifier:
             # progress lines (or a bar on a terminal) for a long set: a 12,000-image .bin takes a minute on a CPU
             out[name] = test_bin(([images], issame), embed, self.batch_size, self.nfolds, progress=True,
                                  desc=f"verify {name}")
+            out[name]["issame"] = np.asarray(issame, dtype=bool)  # the checkpoint's thresholds need the pairs
         return out
 
 

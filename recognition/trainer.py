@@ -50,6 +50,7 @@ from recognition.resume_state import (
     set_rng_state,
 )
 from recognition.run_plan import RunPlan, lr_at, prepare_run  # noqa: F401  (re-exported)
+from recognition.thresholds import operating_points, record_thresholds
 from recognition.train_verifier import Verifier
 from recognition.verification import Embedder
 
@@ -366,12 +367,19 @@ class Trainer:
     def _meta(self) -> dict:
         return self.built()
 
-    def _save(self, epoch: int) -> Optional[str]:
+    def _save(self, epoch: int, results: Optional[Dict[str, dict]] = None) -> Optional[str]:
+        """Checkpoint ``epoch``; ``results`` (this round's verification) also go to ``PREFIX-meta.json`` as the
+        model's cosine thresholds (``recognition/thresholds.py``: compare, search and the server read them)."""
         if self.rank > 0:
             return None
         try:
             path = save_model(self.plan.prefix, epoch, self.module, self.train_symbol, self.embedding_symbol,
                                  slim=self.plan.ckpt_embedding, meta=self._meta())
+            points = {name: operating_points(r["embeddings"], r["issame"], r["best_threshold"],
+                                             r["best_threshold_acc"])
+                      for name, r in (results or {}).items() if "issame" in r}
+            if points:
+                record_thresholds(self.plan.prefix, points)
         except ToolkitError as exc:  # disk full / unwritable: earlier checkpoints are untouched (atomic writes)
             raise ToolkitError(f"{exc}; last good checkpoint: {self.last_ckpt or 'none saved yet'}") from None
         self.last_ckpt = path
@@ -391,7 +399,7 @@ class Trainer:
         if epoch is None and final:
             epoch = self.policy.final_epoch(self.msave)
         if epoch is not None:
-            self._save(epoch)
+            self._save(epoch, results)
         if results:
             logger.info("[%d]Accuracy-Highest: %1.5f", self.step, self.policy.highest[1])
         self._save_resume()

@@ -140,3 +140,23 @@ def test_verification_records_and_deploy_tools_use_the_threshold(tiny_data, tmp_
     assert capsys.readouterr().out.splitlines()[1].split("\t")[1] in ("ann", "bob")
     assert search.answer([("ann", 0.5), ("bob", 0.1)], 0.4) == "ann"
     assert search.answer([("ann", 0.3)], 0.4) == search.UNKNOWN
+
+
+def test_training_checkpoint_carries_its_verified_threshold(tiny_data, tmp_path, capsys):
+    """A checkpoint saved after a verification round records that round's thresholds; the verification tool on
+    the saved checkpoint (a second code path) finds the same best threshold."""
+    from recognition import train, verification
+    from recognition.common import run_cli
+
+    d = os.path.dirname(tiny_data["rec"])
+    prefix = str(tmp_path / "run" / "model")
+    assert run_cli(train.main, ["--network", "tiny", "--loss", "softmax", "--data-dir", d, "--target", "synth_val",
+                                "--per-batch-size", "8", "--max-steps", "2", "--verbose", "2", "--lr", "0.05",
+                                "--ckpt", "2", "--prefix", prefix]) == 0
+    meta = read_meta(prefix)
+    rec = meta["thresholds"]["synth_val"]
+    assert meta["threshold"] == {"cosine": rec["cosine"], "from": "synth_val"} and rec["num_pairs"] == 60
+    capsys.readouterr()
+    assert run_cli(verification.main, ["--model", prefix + ",1", "--target", tiny_data["bins"][0], "--no-progress",
+                                       "--no-save-threshold"]) == 0
+    assert f"[synth_val]thresholds: best cosine {rec['cosine']:.3f}" in capsys.readouterr().out
