@@ -211,11 +211,12 @@ def workspace(tmp_path_factory):
 def _env(w) -> dict:
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
                OUT=str(w / "demo"), PY=sys.executable)
-    bin_dir = w / "bin"  # `python` of the README is this interpreter
+    bin_dir = w / "bin"  # `python` of the README is this interpreter (a wrapper: a symlink would lose its venv)
     bin_dir.mkdir(exist_ok=True)
     for name in ("python", "python3"):
         if not (bin_dir / name).exists():
-            os.symlink(sys.executable, bin_dir / name)
+            (bin_dir / name).write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+            os.chmod(bin_dir / name, 0o755)
     env["PATH"] = str(bin_dir) + os.pathsep + env.get("PATH", "")
     return env
 
