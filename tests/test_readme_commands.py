@@ -21,7 +21,7 @@ from typing import Dict, List, NamedTuple, Optional
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-COMMAND_RE = re.compile(r"^(?:[A-Z_]+=\S+\s+)*(?:python3?|bash|pip|ruff|cd|export)\b")
+COMMAND_RE = re.compile(r"^(?:[A-Z_]+=(?:\$\([^)]*\)|\S+)\s+)*(?:python3?|bash|pip|ruff|cd|export)\b")
 MTCNN = os.path.join(os.path.dirname(ROOT), "shared", "models", "mtcnn")
 RAW = os.path.join(os.path.dirname(ROOT), "shared", "raw")
 
@@ -79,7 +79,7 @@ COMMANDS = {
     "python deploy/search.py --model models/run/models,0 --gallery people/ --query q.jpg --top-k 5": Run(),
     'python deploy/align.py --image photo.jpg --landmarks "x1,y1,...,x5,y5" --output aligned.jpg':
         Run(replace={"x1,y1,...,x5,y5": "38.3,51.7,73.5,51.5,56.0,71.7,41.5,92.4,70.7,92.2"}),
-    "python deploy/server.py --model models/run/models,0 --db gallery.sqlite --port 8080":
+    "python deploy/server.py --model models/run/models,0 --db gallery.sqlite --port 8080 --insecure-no-auth":
         Run(replace={"8080": "{PORT}"}, serve=True),
     "python deploy/align.py --image photo.jpg --detect ../models/mtcnn --output aligned.jpg":
         Run(replace={"photo.jpg": "raw1.jpg"}, needs="mtcnn"),
@@ -97,7 +97,8 @@ COMMANDS = {
         Run(replace={"M,0": "models/run/models,0"}, needs="mtcnn"),
     "python deploy/align.py --detect ../models/mtcnn --image group.jpg --output face.jpg --faces all":
         Run(needs="mtcnn"),
-    "IFR_API_KEY=secret python deploy/server.py --model M,0 --detect ../models/mtcnn --db gallery.sqlite":
+    "IFR_API_KEY=$(openssl rand -hex 16) python deploy/server.py --model M,0 --detect ../models/mtcnn --db "
+    "gallery.sqlite":
         Run(replace={"M,0": "models/run/models,0"}, append=" --port {PORT}", serve=True, needs="mtcnn"),
     "python -m datasets.tools align --src photos/ --out faces/ --detector ../models/mtcnn":
         Run(replace={"faces/": "faces_detected/"}, needs="mtcnn"),
@@ -235,11 +236,14 @@ def _free_port() -> int:
 
 def _check(kind: Optional[str], w, out: subprocess.CompletedProcess) -> None:
     clone = w / "clone"
-    if kind == "demo":  # the last line names the slim model, and it is there
+    if kind == "demo":  # the last line names the slim model, and it is there (and slim)
+        from recognition.load_report import read_meta
+
         last = out.stdout.strip().splitlines()[-1]
-        slim = str(w / "demo" / "models" / "ft" / "models") + ",0"
-        assert last.startswith(f"demo done: fine-tuned slim model {slim} ")
-        assert os.path.isfile(str(w / "demo" / "models" / "ft" / "models-0000.params"))
+        m = re.match(r"demo done: fine-tuned slim model (\S+),(\d+) ", last)
+        assert m and m.group(1) == str(w / "demo" / "models" / "ft" / "model"), last
+        assert os.path.isfile("%s-%04d.params" % (m.group(1), int(m.group(2))))
+        assert read_meta(m.group(1))["slim"] is True
     elif kind == "finetune":
         runs = [d for d in os.listdir(clone / "models") if d != "run"]
         assert len(runs) == 1
