@@ -69,8 +69,9 @@ def main() -> None:
         got = [answer(row, t) for row in known_rows]
         right = np.mean([g == n for g, n in zip(got, names[held])])
         unk = np.mean([g == UNKNOWN for g in got])
+        wrong = np.mean([g not in (n, UNKNOWN) for g, n in zip(got, names[held])])
         s_unk = np.mean([answer(row, t) == UNKNOWN for row in stranger_rows])
-        print(f"{label:<34}{right:>13.4f}{1 - right - unk:>8.4f}{unk:>9.4f}   {s_unk:.4f} of {len(strangers)}")
+        print(f"{label:<34}{right:>13.4f}{wrong:>8.4f}{unk:>9.4f}   {s_unk:.4f} of {len(strangers)}")
 
 
 if __name__ == "__main__":
