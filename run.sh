@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Recipes: bash run.sh NAME  (demo | finetune | mobilefacenet | train | strategies | test)
+# Recipes: bash run.sh NAME  (demo | finetune | mobilefacenet | train | strategies | strategies-real | test)
 # Paths and sizes come from environment variables (shown with their defaults in each recipe).
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -79,14 +79,25 @@ recipe_strategies() {
   $PY benchmarks/strategies.py --out "${OUT:-/tmp/ifr_strategies}" "$@"
 }
 
+recipe_strategies_real() {
+  # Evidence on real faces: model-y1-test2 adapted to lfw_dev unshifted and under low resolution and a face mask;
+  # no adaptation / linear probe / head-only / two-stage / full / two-stage + self-distillation, 2 seeds.
+  # Resumable: each finished cell is saved in OUT/results.json and skipped by a rerun with the same settings.
+  #   SHARED=../shared OUT=/tmp/ifr_strategies_real bash run.sh strategies-real [--no-flip --steps 80 ...]
+  local SHARED=${SHARED:-../shared}
+  $PY benchmarks/strategies_real.py --out "${OUT:-/tmp/ifr_strategies_real}" \
+    --pretrained "${PRETRAINED:-$SHARED/fixtures/model-y1-test2/model,0}" --data "${DATA:-$SHARED/real/lfw_dev}" "$@"
+}
+
 recipe_test() {
   $PY -m pytest -q tests "$@"
 }
 
 name=${1:-}
-[ -n "$name" ] || { echo "usage: bash run.sh {demo|finetune|mobilefacenet|train|strategies|test} [extra flags]" >&2; exit 2; }
+[ -n "$name" ] || { echo "usage: bash run.sh {demo|finetune|mobilefacenet|train|strategies|strategies-real|test} [extra flags]" >&2; exit 2; }
 shift
+given=$name; name=${name//-/_}  # strategies-real -> recipe_strategies_real
 if ! declare -F "recipe_$name" >/dev/null; then
-  echo "error: unknown recipe '$name'; choose demo, finetune, mobilefacenet, train, strategies or test" >&2; exit 2
+  echo "error: unknown recipe '$given'; choose demo, finetune, mobilefacenet, train, strategies, strategies-real or test" >&2; exit 2
 fi
 "recipe_$name" "$@"

@@ -40,9 +40,9 @@ RECIPE_KEYS = ("flip", "steps", "per_batch_size", "lr", "head_frac", "head_lr_fa
                "margin_s", "margin_m", "distill_weight", "distill_loss", "wd")
 
 
-def domain_name(spec: str) -> str:
-    """``"lowres@0.8"`` -> ``"lowres"``, ``"lowres@0.8+jpeg"`` -> ``"lowres+jpeg"``, ``"none"`` -> ``"none"``."""
-    return "+".join(p.partition("@")[0] for p in spec.split("+"))
+def domain_slug(spec: str) -> str:
+    """A file-name form of the whole spec, severities included: ``"lowres@0.9+jpeg"`` -> ``"lowres0.9+jpeg"``."""
+    return spec.replace("@", "")
 
 
 def prepare_domain(data: str, spec: str, out: str, seed: int) -> Dict[str, str]:
@@ -53,7 +53,7 @@ def prepare_domain(data: str, spec: str, out: str, seed: int) -> Dict[str, str]:
     src_bin = os.path.join(data, "val.bin")
     if spec == "none":
         return {"train": data, "target": src_bin}
-    name = domain_name(spec)
+    name = domain_slug(spec)  # the severity is part of the name: another severity is another folder
     folder = os.path.join(out, "data", name)
     target = os.path.join(folder, f"{name}_val.bin")
     parsed = parse_spec(spec)
@@ -205,7 +205,7 @@ def format_table(rows: List[dict]) -> str:
         probe = f"{r['probe_acc']:.3f}" if r.get("probe_acc") is not None else "-"
         loss = f"{r['loss_first']:.2f}/{r['loss_last']:.2f}" if "loss_first" in r else "-"
         sec = f"{r['seconds']:.0f}" if r.get("seconds") is not None else "-"
-        out.append(f"{domain_name(r['domain']):<12}{r['strategy']:<19}{r['seeds']:>5}{r['target_acc']:>8.4f}"
+        out.append(f"{domain_slug(r['domain']):<12}{r['strategy']:<19}{r['seeds']:>5}{r['target_acc']:>8.4f}"
                    f"{r['target_std']:>7.4f}{g:>8}{gs:>7}{r['source_acc']:>8.4f}{r['source_std']:>7.4f}{kept:>8}"
                    f"{probe:>7}{loss:>14}{sec:>6}")
     return "\n".join(out)
@@ -228,7 +228,7 @@ def plot(rows: List[dict], path: str) -> None:
         ax.errorbar(100 * r["kept"], 100 * r["gain"], yerr=100 * r["target_std"], xerr=100 * r["source_std"],
                     fmt=markers.get(r["strategy"], "o"), color=colours[r["domain"]], alpha=0.8, capsize=2)
     for d in doms:
-        ax.plot([], [], "s", color=colours[d], label=f"domain {domain_name(d)}")
+        ax.plot([], [], "s", color=colours[d], label=f"domain {domain_slug(d)}")
     for s, m in markers.items():
         ax.plot([], [], m, color="grey", label=s)
     ax.axhline(0, color="k", lw=0.5)
@@ -252,7 +252,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--data", default="../shared/real/lfw_dev", help="folder with train.rec, property, val.bin")
     ap.add_argument("--domains", default="lowres@0.8,mask@0.7,none",
                     help="comma-separated shift specs (datasets.shift; 'none' = unshifted)")
-    ap.add_argument("--strategies", default=",".join(STRATEGIES))
+    ap.add_argument("--strategies", default="two-stage,head,full,two-stage+distill,probe",
+                    help="run in this order (each over every seed and domain); 'none' is always measured")
     ap.add_argument("--seeds", default="0,1", help="training seeds (the shifted data use --data-seed)")
     ap.add_argument("--data-seed", type=int, default=0, help="seed of the shifted copies")
     ap.add_argument("--steps", type=int, default=120, help="batches per trained strategy (equal budgets)")
@@ -291,18 +292,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     results = json.load(open(path)) if os.path.isfile(path) else {"recipes": {}, "cells": {}, "baseline": {}}
     results["recipes"][rid] = recipe
     t_all, bin_images = time.time(), {}
-    for seed in ([] if args.report_only else seeds):
-        for spec in domains:
-            dom = prepare_domain(args.data, spec, args.out, args.data_seed)
+    doms = {spec: prepare_domain(args.data, spec, args.out, args.data_seed) for spec in domains}
+    for spec, dom in ([] if args.report_only else doms.items()):  # the untouched model first: every gain needs it
+        key0 = f"{rid}|{spec}|none|-"
+        if key0 not in results["cells"]:
             base = baseline(args.pretrained, sorted({dom["target"], src_bin}), args.flip, results["baseline"],
                             bin_images)
-            key0 = f"{rid}|{spec}|none|-"
-            if key0 not in results["cells"]:
-                tb, sb = base[dom["target"]], base[src_bin]
-                results["cells"][key0] = dict(target_acc=tb["acc"], target_std=tb["std"], source_acc=sb["acc"],
-                                              source_std=sb["std"])
-                _save(path, results)
-            for s in strategies:
+            tb, sb = base[dom["target"]], base[src_bin]
+            results["cells"][key0] = dict(target_acc=tb["acc"], target_std=tb["std"], source_acc=sb["acc"],
+                                          source_std=sb["std"])
+            _save(path, results)
+    # strategy-major order: the first strategy's cells over every seed and domain finish first (a partial run
+    # already answers "does this recipe work everywhere"), the comparisons follow
+    for s in ([] if args.report_only else strategies):
+        for seed in seeds:
+            for spec, dom in doms.items():
                 key = f"{rid}|{spec}|{s}|{seed}"
                 if s == "none" or key in results["cells"]:
                     continue
@@ -311,16 +315,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     from recognition.linear_probe import train_probe
 
                     probe = train_probe(args.pretrained, dom["train"], val_split=0.25, seed=seed)
-                    cell = dict(results["cells"][key0], probe_acc=float(probe["val_acc"]))
+                    cell = dict(results["cells"][f"{rid}|{spec}|none|-"], probe_acc=float(probe["val_acc"]))
                 else:
-                    run_dir = os.path.join(args.out, "runs", rid, domain_name(spec), f"{s}-seed{seed}")
+                    run_dir = os.path.join(args.out, "runs", rid, domain_slug(spec), f"{s}-seed{seed}")
                     cell = run_cell(s, dom, src_bin, recipe, args.pretrained, seed, run_dir, args.flip, bin_images)
                 cell["seconds"] = round(time.time() - t0, 1)
                 results["cells"][key] = cell
                 _save(path, results)
                 print(f"[{time.strftime('%H:%M:%S')}] {spec} {s} seed {seed}: target {cell['target_acc']:.4f} "
                       f"source {cell['source_acc']:.4f} ({cell['seconds']:.0f} s)", flush=True)
-    rows = summarise(results, rid, domains, strategies)
+    rows = summarise(results, rid, domains, ["none"] + [s for s in strategies if s != "none"])
     summary = {"recipe_id": rid, "recipe": recipe, "rows": rows, "baseline": results["baseline"],
                "seconds": round(time.time() - t_all, 1)}
     _save(os.path.join(args.out, f"table-{rid}.json"), summary)
