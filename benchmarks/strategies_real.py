@@ -163,8 +163,19 @@ def recipe_id(recipe: dict, pretrained: str, data: str) -> str:
 
 
 def _save(path: str, results: dict) -> None:
-    with atomic_write(path, "w") as f:
-        json.dump(results, f, indent=1, sort_keys=True)
+    """Merge ``results`` into the file under a lock (two runs may share one ``--out``), then write it atomically;
+    ``results`` gets what the other run added."""
+    import fcntl
+
+    with open(path + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if os.path.isfile(path):
+            with open(path) as f:
+                disk = json.load(f)
+            for k in ("recipes", "cells", "baseline"):
+                results[k] = {**disk.get(k, {}), **results[k]}
+        with atomic_write(path, "w") as f:
+            json.dump(results, f, indent=1, sort_keys=True)
 
 
 def summarise(results: dict, rid: str, domains: Sequence[str], strategies: Sequence[str]) -> List[dict]:
