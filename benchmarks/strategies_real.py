@@ -338,7 +338,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     rows = summarise(results, rid, domains, ["none"] + [s for s in strategies if s != "none"])
     summary = {"recipe_id": rid, "recipe": recipe, "rows": rows, "baseline": results["baseline"],
                "seconds": round(time.time() - t_all, 1)}
-    _save(os.path.join(args.out, f"table-{rid}.json"), summary)
+    with atomic_write(os.path.join(args.out, f"table-{rid}.json"), "w") as f:
+        json.dump(summary, f, indent=1)
     print(f"\nmodel-y1-test2 -> lfw_dev ({args.steps} steps of {args.per_batch_size}, lr {args.lr:g}, head "
           f"{args.head_frac:g} of the budget at x{args.head_lr_factor:g}, backbone x{args.backbone_lr_mult:g}, bn "
           f"{args.bn_mode}, arcface s={args.margin_s:g} m={args.margin_m:g}, distill {args.distill_loss} "
