@@ -52,7 +52,7 @@ COMMANDS = {
     "ruff check . && python -m pytest -q tests": Skip("the test suite itself (it would run this test again)"),
     "python recognition/train.py --pretrained ../models/model-y1-test2/model,0 --data-dir ../datasets/mine "
     "--loss arcface --target lfw,mine_val --fc7-init imprint --stages head:2000@0.1,all:20000 --lr 0.01 "
-    "--eval-pretrained --ckpt-embedding 1":
+    "--backbone-lr-mult 0.1 --bn-mode frozen --eval-pretrained --ckpt-embedding 1":
         Run(replace={"head:2000@0.1,all:20000": "head:1@0.1,all:1"}, append=" --per-batch-size 8 --verbose 2",
             check="finetune"),
     "python recognition/advise.py --pretrained ../models/model-y1-test2/model,0 --data ../datasets/mine": Run(),
@@ -109,6 +109,9 @@ COMMANDS = {
     "python -m datasets.tools pairs2bin --pairs pairs.txt --root faces/ --out data/mine/mine_val.bin": Run(),
     "python -m datasets.tools bin2images --bin lfw.bin --out lfw_images/": Run(),
     "python -m datasets.tools info data/mine": Run(),
+    "python -m datasets.tools shift --src data/mine --out data/mine_lowres --kind lowres@0.9 --seed 0": Run(),
+    "SHARED=../shared bash run.sh strategies-real --no-flip --steps 80 --per-batch-size 32 --bn-mode frozen":
+        Skip("hours of training on real faces; tests/test_strategies_real.py checks its flags and arithmetic"),
 }
 
 
