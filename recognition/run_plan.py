@@ -40,7 +40,8 @@ _NUMBERS = {
     "num_workers": (True, 0, True, None, False, ""), "frozen_stages": (True, 0, True, None, False, ""),
     "data_cutoff": (True, 0, True, None, False, ""), "data_images_filter": (True, 0, True, None, False, ""),
     "pretrained_epoch": (True, 0, True, None, False, ""), "bag_identities": (True, 2, True, None, False, ""),
-    "seed": (True, 0, True, 2 ** 32 - 1, True, ""),
+    "seed": (True, 0, True, 2 ** 32 - 1, True, ""), "lr_steps_batch": (True, 0, False, None, False, ""),
+    "bn_mom": (False, 0, True, 1, True, ""),
 }
 
 
@@ -90,6 +91,30 @@ def _parse_lr_steps(text) -> List[int]:
     if any(s <= 0 for s in steps):
         raise ToolkitError(f"--lr-steps {text!r}: steps must be positive")
     return steps
+
+
+def _scale_lr_steps(steps: List[int], base_batch, batch_size: int) -> List[int]:
+    """insightface train_softmax.py: default lr steps are for a global batch of ``base_batch`` (512) and scale
+    by ``base_batch / batch_size`` (``int(step * p)``)."""
+    if not base_batch:
+        return steps
+    p = float(base_batch) / batch_size
+    return [max(1, int(s * p)) for s in steps]
+
+
+def _network_options(cfg, pretrained: Optional[str], resume) -> dict:
+    """``net_*`` keys / ``--version-*`` flags -> build options of ``--network`` (one line when unsupported, or when
+    the graph does not come from ``--network``)."""
+    from recognition.backbones import NET_KEYS, network_options
+
+    keys = {k: cfg.get(k) for k in NET_KEYS if cfg.get(k) is not None}
+    if not keys:
+        return {}
+    if resume or pretrained:
+        names = ", ".join(f"{k}={v!r}" for k, v in keys.items())
+        raise ToolkitError(f"{names}: the graph comes from the {'resume state' if resume else 'checkpoint'}, which "
+                           "these structure options cannot change; drop them (they apply when training from scratch)")
+    return network_options(cfg.network, keys)
 
 
 def _resolve_data_dir(cfg) -> str:
@@ -192,6 +217,8 @@ class RunPlan:
     ckpt_embedding: bool
     keep: int
     sample_ratio: float = 1.0
+    network_options: Mapping[str, Any] = MappingProxyType({})  # --version-* / net_* build options of --network
+    count_flops: bool = False
 
     @property
     def loss_cfg(self):
@@ -242,6 +269,7 @@ def prepare_run(cfg) -> RunPlan:
         from recognition.backbones import default_emb_size
 
         default_emb_size(cfg.network)  # unknown network: one line listing the valid names
+    net_options = _network_options(cfg, pretrained, resume)
     data_dir = _resolve_data_dir(cfg)
     num_classes = int(read_property(data_dir)[0])
     if cfg.get("num_classes") and int(cfg.num_classes) != num_classes:
@@ -249,7 +277,8 @@ def prepare_run(cfg) -> RunPlan:
                            f"{os.path.join(data_dir, 'property')} says {num_classes}")
     targets = _resolve_targets(cfg, data_dir)
     stages = parse_stages(int(cfg.get("freeze_steps") or 0), cfg.get("stages"), cfg.get("head_lr_mult"))
-    lr_steps = _parse_lr_steps(cfg.lr_steps)
+    lr_steps = _scale_lr_steps(_parse_lr_steps(cfg.lr_steps), cfg.get("lr_steps_batch"),
+                               int(cfg.per_batch_size) * len(ctx))
     if int(cfg.get("stage_warmup") or 0) < 0:
         raise ToolkitError(f"--stage-warmup {cfg.stage_warmup}: must be >= 0")
     if cfg.fc7_init not in ("random", "imprint"):
@@ -295,7 +324,8 @@ def prepare_run(cfg) -> RunPlan:
         data_images_filter=int(cfg.get("data_images_filter") or 0), num_workers=int(cfg.num_workers),
         seed=int(cfg.get("seed") or 0), frequent=int(cfg.frequent), verbose=int(cfg.verbose), ckpt=int(cfg.ckpt),
         ckpt_embedding=bool(int(cfg.ckpt_embedding)), keep=int(cfg.get("keep") or 0),
-        sample_ratio=float(cfg.get("sample_ratio") or 1.0))
+        sample_ratio=float(cfg.get("sample_ratio") or 1.0), network_options=MappingProxyType(net_options),
+        count_flops=bool(cfg.get("count_flops")))
 
 
 def lr_at(step: int, base_lr: float, lr_steps: List[int], warmup_steps: int = 0) -> float:
