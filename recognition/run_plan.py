@@ -304,7 +304,8 @@ def prepare_run(cfg) -> RunPlan:
         net = cfg.network if (cfg.get("network_explicit") or not pretrained) else \
             os.path.basename(os.path.dirname(os.path.abspath(pretrained.rpartition(",")[0]))) or "pretrained"
         ds = os.path.basename(os.path.normpath(str(cfg.dataset))) if cfg.dataset else "data"
-        prefix = os.path.join(cfg.models_root, f"{net}-{cfg.loss}-{ds}", "model")
+        extra = f"-{cfg.extra_model_name}" if cfg.get("extra_model_name") else ""
+        prefix = os.path.join(cfg.models_root, f"{net}-{cfg.loss}-{ds}{extra}", "model")
     return RunPlan(
         config=MappingProxyType(dict(cfg)), ctx=ctx, kvstore=kvstore, objective=objective, resume=resume,
         pretrained=pretrained, data_dir=data_dir, num_classes=num_classes, targets=tuple(targets),

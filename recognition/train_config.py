@@ -119,6 +119,7 @@ default.per_batch_size = 128
 default.ckpt = 3
 default.models_root = "./models"
 default.prefix = None
+default.extra_model_name = None  # insightface train_parall.py: runs go to MODELS_ROOT/NET-LOSS-DATASET-NAME/
 default.target = None  # None: the dataset's val_targets
 default.ctx = None
 default.seed = 0
@@ -302,13 +303,15 @@ def parse_sets(items: Iterable[str], known: set) -> dict:
 
 
 def resolve_config(cli: dict, config_file: Optional[str] = None, sets: Iterable[str] = (),
-                   base: Optional[dict] = None) -> edict:
+                   base: Optional[dict] = None, script_defaults: Optional[dict] = None) -> edict:
     """One flat easydict for a run.
 
     ``cli``: explicit flag values (``None`` = not given). ``base``: a saved flat config to start from (resume),
-    which replaces the tree's defaults. Returns the flat config; ``cfg.loss_kwargs`` holds the LossConfig
-    fields for :func:`recognition.objectives.make_loss_config`.
+    which replaces the tree's defaults. ``script_defaults``: a script's own defaults (train_softmax.py's), above
+    the tree's sections and below ``--config``, flags and ``--set``. Returns the flat config; ``cfg.loss_kwargs``
+    holds the LossConfig fields for :func:`recognition.objectives.make_loss_config`.
     """
+    script_defaults = dict(script_defaults or {})
     tree = base_tree()
     known = known_keys(tree)
     file_flat = _split_overrides(tree, load_config_file(config_file), f"--config {config_file}", known) \
@@ -320,7 +323,9 @@ def resolve_config(cli: dict, config_file: Optional[str] = None, sets: Iterable[
         for layer in (set_flat, given, file_flat):
             if key in layer:
                 return layer[key]
-        return (base or {}).get(key, tree.default.get(key))
+        if base:
+            return base.get(key, tree.default.get(key))
+        return script_defaults.get(key, tree.default.get(key))
 
     net, ds, loss_name = pick("network"), pick("dataset"), pick("loss")
     explicit_data = any("data_dir" in layer for layer in (set_flat, given, file_flat))
@@ -338,6 +343,7 @@ def resolve_config(cli: dict, config_file: Optional[str] = None, sets: Iterable[
         if ds in tree.dataset:
             flat.update(tree.dataset[ds])
         flat.update(tree.loss.get(loss_name, {}))
+        flat.update(script_defaults)
     flat.update(file_flat)
     flat.update(given)
     flat.update(set_flat)
