@@ -89,7 +89,7 @@ REFUSED_LOSS_TYPES = {
 }
 # which margin flags each train_softmax.py loss type reads (insightface ignores the others)
 _MARGINS_OF_TYPE = {0: (), 2: ("margin_s", "margin_m"), 4: ("margin_s", "margin_m", "easy_margin"),
-                    5: ("margin_s", "margin_m", "margin_a", "margin_b"), 12: ("triplet_alpha",),
+                    5: ("margin_s", "margin_m", "margin_a", "margin_b"), 12: ("margin_m", "triplet_alpha"),
                     13: ("margin_m", "triplet_alpha")}
 # insightface train_softmax.py's argparse defaults of the margins
 SOFTMAX_MARGIN_DEFAULTS = {"margin_s": 64.0, "margin_m": 0.5, "margin_a": 1.0, "margin_b": 0.0}

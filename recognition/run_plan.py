@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, List, Mapping, Optional, Sequence, Tuple
 
@@ -217,7 +217,7 @@ class RunPlan:
     ckpt_embedding: bool
     keep: int
     sample_ratio: float = 1.0
-    network_options: Mapping[str, Any] = MappingProxyType({})  # --version-* / net_* build options of --network
+    network_options: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))  # --version-*/net_*
     count_flops: bool = False
 
     @property
