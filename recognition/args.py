@@ -168,6 +168,8 @@ def add_run_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--verbose", type=int, default=None, help="verify (and checkpoint) every N batches")
     g.add_argument("--frequent", type=int, default=None, help="log speed/loss/accuracy every N batches")
     g.add_argument("--seed", type=int, default=None, help="random seed")
+    g.add_argument("--count-flops", action="store_true", default=None,
+                   help="log the network's FLOPs and parameters at train start (insightface's config.count_flops)")
     g.add_argument("--resume", default=None, help="continue the run saved in DIR (its resume/ state)")
     g.add_argument("--config", default=None, help="configuration file (.py, .json, .yaml) overriding defaults")
     g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

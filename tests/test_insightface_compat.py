@@ -167,3 +167,30 @@ def test_emb_size_is_512_unless_the_checkpoint_or_a_non_insightface_net_decides(
     assert softmax_config(["--network", "y1", "--pretrained", "/x/model,0"]).emb_size is None  # the checkpoint's
     assert softmax_config(["--network", "tiny"]).emb_size is None  # tiny's own width
     assert softmax_config(["--network", "y1", "--emb-size", "128"]).emb_size == 128
+
+
+def test_compat_table_lists_every_flag():
+    with open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "docs", "COMPAT.md")) as f:
+        table = f.read()
+    for _, flag in CASES:
+        assert f"| `{flag['flag']}` |" in table, flag["flag"]
+
+
+def test_count_flops_flag_and_bare_pretrained_prefix(tiny_data, tmp_path):
+    import mxnet as mx
+
+    from recognition.backbones import get_symbol
+    from recognition.common import save_checkpoint
+    from recognition.run_plan import prepare_run
+
+    assert _train_config(["--count-flops"]).count_flops is True and _train_config([]).count_flops is False
+    d = os.path.dirname(tiny_data["rec"])
+    prefix = str(tmp_path / "model")
+    sym = get_symbol("tiny", prelu="stock")
+    shapes, _, aux = sym.infer_shape(data=(1, 3, 112, 112))
+    save_checkpoint(prefix, 1, sym, {n: mx.nd.zeros(s) for n, s in zip(sym.list_arguments(), shapes) if n != "data"},
+                    {n: mx.nd.ones(s) for n, s in zip(sym.list_auxiliary_states(), aux)})
+    plan = prepare_run(_train_config(["--data-dir", d, "--pretrained", prefix, "--per-batch-size", "8"]))
+    assert plan.pretrained == f"{prefix},1"  # insightface's --pretrained-epoch default 1
+    with pytest.raises(ToolkitError, match=r"model-0002.params does not exist"):
+        prepare_run(_train_config(["--data-dir", d, "--pretrained", prefix, "--pretrained-epoch", "2"]))
