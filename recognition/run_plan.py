@@ -147,7 +147,7 @@ def _resolve_targets(cfg, data_dir: str) -> List[str]:
         elif explicit:
             raise ToolkitError(f"--target {name}: verification set {path} does not exist")
         else:
-            logger.warning("dataset target %s: %s does not exist; skipped", name, path)
+            logger.warning("default target %s: %s does not exist; skipped", name, path)
     return paths
 
 
