@@ -219,6 +219,8 @@ def _translate(key: str, value, where: str, known: set, section: Optional[str] =
     key = INSIGHTFACE_KEYS.get(key, key)
     if key == "image_size" and isinstance(value, (list, tuple)) and len(value) == 3:
         value = tuple(value[:2])  # insightface's image_shape is (H, W, C)
+    if key == "data_cutoff" and isinstance(value, bool):
+        value = int(value)  # sample_config.py writes config.data_cutoff = False
     if key in _DESCRIPTIVE:
         _check_descriptive(key, value, section, where)
         return None

@@ -101,7 +101,7 @@ def _write_sample_config(path):
         f.write("\n".join(lines) + "\n")
 
 
-def test_sample_config_py_is_read_unchanged(tmp_path, caplog):
+def test_sample_config_py_is_read_unchanged(tmp_path, caplog, tiny_data):
     path = str(tmp_path / "sample_config.py")
     _write_sample_config(path)
     with caplog.at_level(logging.WARNING, logger="recognition"):
@@ -116,6 +116,11 @@ def test_sample_config_py_is_read_unchanged(tmp_path, caplog):
         {"head": "GDC", "blocks": [1, 4, 6, 2], "act_type": "prelu", "bn_mom": 0.9}
     r100 = resolve_config({"network": "r100"}, path)
     assert (r100.net_output, r100.emb_size, r100.loss_kwargs["margin_m"]) == ("E", 512, 0.5)
+    from recognition.run_plan import prepare_run
+
+    plan = prepare_run(resolve_config({"network": "r18", "data_dir": os.path.dirname(tiny_data["rec"]),
+                                       "per_batch_size": 8}, path))  # the whole file passes the run plan's checks
+    assert dict(plan.network_options) == {"head": "E", "se": 0, "input": 1, "act_type": "prelu", "bn_mom": 0.9}
 
 
 def test_set_takes_insightface_key_names():
