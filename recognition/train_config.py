@@ -83,7 +83,7 @@ network = edict()
 for _name, _emb in (("tiny", None), ("r18", 512), ("r34", 512), ("r50", 512), ("r100", 512), ("y1", 128),
                     ("y2", 256), ("m1", 256), ("m05", 256), ("vargfacenet", 512)):
     network[_name] = edict(emb_size=_emb) if _emb else edict()
-for _name in ("r49", "r74", "r90", "r98", "r99", "r101", "r124", "r152", "r160", "r200", "r269"):
+for _name in ("r50v1", "r49", "r74", "r90", "r98", "r99", "r101", "r124", "r152", "r160", "r200", "r269"):
     network[_name] = edict(emb_size=512)
 
 # Dataset sections: dataset_path, optional num_classes (checked against `property`), targets.

@@ -5,6 +5,7 @@ import json
 import logging
 import os
 import pickle
+import re
 
 import mxnet as mx
 import numpy as np
@@ -34,6 +35,8 @@ def test_variant_names_and_shapes_match_insightfaces_builders(name, params_contr
         assert args.get(pname) == shape, pname
     for pname in v.get("absent", []) + v["removed"]:
         assert pname not in args, pname
+    patterns = [re.compile(p) for p in v.get("removed_patterns", [])]
+    assert not [n for n in args if any(p.search(n) for p in patterns)]
     if name == "m05":
         return  # another width everywhere: only the listed facts apply
     # everything else is the base network's, name for name and shape for shape
@@ -44,7 +47,8 @@ def test_variant_names_and_shapes_match_insightfaces_builders(name, params_contr
     if v["base"] != v["network"]:
         return  # another depth: the base has units this one lacks (listed as absent)
     head = {"bn1_", "pre_fc1_", "fc1_", "relu1_", "conv_6dw7_7_", "conv0_"}
-    assert set(base) - set(args) - set(v["removed"]) <= {n for n in base if any(n.startswith(h) for h in head)}
+    gone = set(base) - set(args) - set(v["removed"]) - {n for n in base if any(p.search(n) for p in patterns)}
+    assert gone <= {n for n in base if any(n.startswith(h) for h in head)}
 
 
 def test_version_flags_reach_the_graph(tiny_data, tmp_path):
@@ -59,8 +63,8 @@ def test_version_flags_reach_the_graph(tiny_data, tmp_path):
                                        "--version-output", "GDC", "--emb-size", "128"]))
     args, _ = _shapes(get_symbol(plan.network, emb_size=plan.emb_size, **plan.network_options))
     assert args["conv_6dw7_7_conv2d_weight"] == [512, 1, 7, 7] and args["pre_fc1_weight"] == [128, 512]
-    with pytest.raises(ToolkitError, match=r"net_unit=1 is not built here; supported: 3$"):
-        prepare_run(softmax_config(["--network", "r18", "--data-dir", d, "--version-unit", "1"]))
+    with pytest.raises(ToolkitError, match=r"net_unit=4 is not built here; supported: 1, 2, 3$"):
+        prepare_run(softmax_config(["--network", "r18", "--data-dir", d, "--version-unit", "4"]))
     with pytest.raises(ToolkitError, match=r"the graph comes from the checkpoint"):
         prepare_run(softmax_config(["--network", "tiny", "--data-dir", d, "--version-output", "E",
                                     "--pretrained", _tiny_checkpoints(str(tmp_path), (0,)) + ",0"]))
@@ -120,7 +124,8 @@ def test_sample_config_py_is_read_unchanged(tmp_path, caplog, tiny_data):
 
     plan = prepare_run(resolve_config({"network": "r18", "data_dir": os.path.dirname(tiny_data["rec"]),
                                        "per_batch_size": 8}, path))  # the whole file passes the run plan's checks
-    assert dict(plan.network_options) == {"head": "E", "se": 0, "input": 1, "act_type": "prelu", "bn_mom": 0.9}
+    assert dict(plan.network_options) == {"head": "E", "se": 0, "input": 1, "unit": 3, "act_type": "prelu",
+                                         "bn_mom": 0.9}
 
 
 def test_set_takes_insightface_key_names():

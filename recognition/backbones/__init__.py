@@ -105,13 +105,14 @@ def get_symbol(name: str, emb_size: Optional[int] = None, prelu: str = "bn", **o
 NET_KEYS = {"net_output": "E", "net_se": 0, "net_input": 1, "net_unit": 3, "net_act": "prelu", "net_blocks": None,
             "net_multiplier": 1.0, "bn_mom": 0.9}
 _FAMILY_OPTIONS = {
-    "fresnet": {"net_output": "head", "net_se": "se", "net_input": "input", "net_act": "act_type", "bn_mom": "bn_mom"},
+    "fresnet": {"net_output": "head", "net_se": "se", "net_input": "input", "net_unit": "unit", "net_act": "act_type",
+                "bn_mom": "bn_mom"},
     "fmobilefacenet": {"net_output": "head", "net_blocks": "blocks", "net_act": "act_type", "bn_mom": "bn_mom"},
     "fmobilenet": {"net_output": "head", "net_multiplier": "multiplier", "net_act": "act_type", "bn_mom": "bn_mom"},
     "vargfacenet": {"bn_mom": "bn_mom"},
 }
 # what each family builds for a key it maps (anything else is one line listing these)
-_SUPPORTED = {"net_unit": (3,), "net_se": (0, 1), "net_input": (0, 1),
+_SUPPORTED = {"net_unit": (1, 2, 3), "net_se": (0, 1), "net_input": (0, 1),
               "net_act": ("prelu", "relu", "sigmoid", "tanh", "softrelu")}
 
 
