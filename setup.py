@@ -24,9 +24,15 @@ setup(
         "scikit-learn",
         "matplotlib",
         "tqdm",
+        "pillow>=9",  # image sizes from the header, before decoding (recognition/image_header.py)
+        # the face service (deploy/server.py); checked with numpy<1.24 on Python 3.11
+        "fastapi==0.165.0",
+        "uvicorn==0.55.0",
+        "python-multipart==0.0.34",
     ],
     extras_require={
         "onnx": ["onnx<1.16", "onnxruntime"],  # mx.onnx imports onnx.mapping, gone in 1.16
+        "faiss": ["faiss-cpu==1.7.4"],  # only benchmarks/bench_search.py's faiss rows; search itself is NumPy
         "test": ["pytest", "pytest-timeout", "ruff==0.17.6"],
     },
     entry_points={

@@ -38,14 +38,17 @@ def synth_bin(path: str, num_images: int, seed: int = 0) -> None:
         pickle.dump((bins, [bool(i % 2) for i in range(num_images // 2)]), f, protocol=2)
 
 
-def build_embedder(network: str, batch_size: int) -> V.Embedder:
-    """y1 (random init, from recognition.backbones) or the real fixture checkpoint."""
+def build_embedder(network: str, batch_size: int, backend: str = "mxnet"):
+    """y1 (random init, from recognition.backbones) or the real fixture checkpoint, on ``backend``."""
     import mxnet as mx
 
     if network == "fixture":
+        from recognition.common import load_checkpoint
+
         prefix = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared",
                               "fixtures", "model-y1-test2", "model")
-        return V.Embedder.from_checkpoint(prefix, 0, mx.cpu(), batch_size)
+        sym, arg, aux = load_checkpoint(prefix, 0)
+        return V.make_embedder(V.cut_at_embedding(sym, prefix), arg, aux, mx.cpu(), batch_size, backend=backend)
     from recognition.backbones import get_symbol
 
     sym = get_symbol(network)
@@ -53,7 +56,7 @@ def build_embedder(network: str, batch_size: int) -> V.Embedder:
     mod.bind(data_shapes=[("data", (1, 3, 112, 112))], for_training=False)
     mod.init_params(mx.init.Xavier(rnd_type="gaussian", factor_type="out", magnitude=2))
     args, aux = mod.get_params()
-    return V.Embedder(sym, args, aux, mx.cpu(), batch_size)
+    return V.make_embedder(sym, args, aux, mx.cpu(), batch_size, backend=backend)
 
 
 def peak_rss_mb() -> float:
@@ -66,6 +69,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--network", default="y1", help="backbone name from recognition.backbones, or 'fixture'")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--bin", default="", help="reuse this .bin instead of generating one")
+    p.add_argument("--backend", default="mxnet", choices=V.BACKENDS, help="inference engine (see ifr-verify)")
     args = p.parse_args(argv)
     if args.num_images < 20 or args.num_images % 2:
         raise ToolkitError(f"--num-images {args.num_images}: need an even number >= 20")
@@ -79,7 +83,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         images, issame = V.read_bin(path)
         t_read = time.time() - t0
         rss_read = peak_rss_mb()
-        embedder = build_embedder(args.network, args.batch_size)
+        embedder = build_embedder(args.network, args.batch_size, args.backend)
         t0 = time.time()
         emb, emb_flip, _ = V.embed_pairs(([images], issame), embedder, args.batch_size, progress=True)
         t_embed = time.time() - t0
@@ -87,7 +91,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         res = V.evaluate(V._l2n(emb + emb_flip), issame, 10)
         t_maths = time.time() - t0
     n = len(images)
-    print(f"images {n} ({n // 2} pairs), network {args.network}, batch {args.batch_size}, "
+    print(f"images {n} ({n // 2} pairs), network {args.network}, backend {args.backend}, batch {args.batch_size}, "
           f"MXNET_SUBGRAPH_BACKEND={os.environ.get('MXNET_SUBGRAPH_BACKEND')}")
     print(f"generate .bin       {t_gen:8.2f} s")
     print(f"read+decode .bin    {t_read:8.2f} s  ({n / t_read:.0f} images/s; peak RSS so far {rss_read:.0f} MB)")

@@ -1,6 +1,6 @@
 """One entry point for the dataset tools: ``python -m datasets.tools TOOL [args]``.
 
-Tools: synth, folder2rec, rec2folder, pairs2bin, bin2images, info. ``python -m datasets.tools TOOL --help``
+Tools: synth, align, folder2rec, rec2folder, pairs2bin, bin2images, info. ``python -m datasets.tools TOOL --help``
 shows a tool's flags; each tool also runs alone (``python datasets/<tool>.py``).
 """
 from __future__ import annotations
@@ -13,6 +13,7 @@ from recognition.common import ToolkitError, run_cli
 
 TOOLS = {
     "synth": "datasets.synth",
+    "align": "datasets.align_faces",
     "folder2rec": "datasets.folder2rec",
     "rec2folder": "datasets.rec2folder",
     "pairs2bin": "datasets.pairs2bin",

@@ -2,19 +2,23 @@
 
     python deploy/align.py --image photo.jpg --landmarks 120,140,180,138,150,175,128,210,175,208 --output face.jpg
     python deploy/align.py --list landmarks.txt --output-dir aligned/    # lines: path x1 y1 ... x5 y5
+    python deploy/align.py --detect ../models/mtcnn --image photo.jpg --output face.jpg  # landmarks from MTCNN
 
 Landmarks are (x, y) pixels in order: left eye, right eye, nose tip, left mouth corner, right mouth corner
-(as seen in the image). No detector is bundled: take landmarks from RetinaFace/MTCNN or your annotations.
+(as seen in the image). With ``--detect DIR`` (insightface's MTCNN, see ``deploy/detect.py``) they come from the
+detector: ``--list`` lines may then hold just a path, and ``--faces all`` writes ``NAME_<k>.EXT`` per face.
+For a whole folder of people use ``python -m datasets.tools align``.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
 import numpy as np
 
+from deploy.detect import add_detect_args, detector_from_args, select_faces
 from recognition.common import ToolkitError, atomic_write, run_cli
 
 # The ArcFace 5-point reference positions in a 112x112 crop (insightface's alignment template).
@@ -101,13 +105,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--list", help="text file: one 'path x1 y1 ... x5 y5' per line")
     p.add_argument("--output-dir", help="where --list crops go (same file names)")
     p.add_argument("--image-size", type=int, default=112)
+    add_detect_args(p)
     args = p.parse_args(argv)
     if bool(args.image) == bool(args.list):
         raise ToolkitError("give either --image (with --landmarks, --output) or --list (with --output-dir)")
     if args.image:
-        if not args.landmarks or not args.output:
-            raise ToolkitError("--image needs --landmarks and --output")
-        jobs = [(args.image, _parse_landmarks(args.landmarks, "--landmarks"), args.output)]
+        if args.landmarks and args.detect:
+            raise ToolkitError("give --landmarks or --detect, not both")
+        if not (args.landmarks or args.detect) or not args.output:
+            raise ToolkitError("--image needs --output and either --landmarks or --detect")
+        jobs = [(args.image, _parse_landmarks(args.landmarks, "--landmarks") if args.landmarks else None, args.output)]
     else:
         if not args.output_dir:
             raise ToolkitError("--list needs --output-dir")
@@ -118,12 +125,36 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             for n, line in enumerate(f, 1):
                 if line.strip():
                     path, _, rest = line.strip().partition(" ")
-                    jobs.append((path, _parse_landmarks(rest, f"{args.list}:{n}"),
-                                 os.path.join(args.output_dir, os.path.basename(path))))
+                    lm = None if (args.detect and not rest.strip()) else _parse_landmarks(rest, f"{args.list}:{n}")
+                    jobs.append((path, lm, os.path.join(args.output_dir, os.path.basename(path))))
+    detector = detector_from_args(args)
+    written, no_face = 0, []
     for src, lm, dst in jobs:
-        _write(dst, norm_crop(_read(src), lm, args.image_size))
-    print(f"aligned {len(jobs)} image(s)")
+        img = _read(src)
+        if lm is not None:
+            _write(dst, norm_crop(img, lm, args.image_size))
+            written += 1
+            continue
+        crops = _detected_crops(img, detector, args.faces, args.image_size)
+        if not crops:
+            no_face.append(src)
+        for k, crop in enumerate(crops):
+            stem, ext = os.path.splitext(dst)
+            _write(f"{stem}_{k}{ext}" if args.faces == "all" else dst, crop)
+            written += 1
+    if no_face:
+        if args.image:
+            raise ToolkitError(f"{args.image}: no face found (MTCNN, --min-face-size {args.min_face_size:g})")
+        print(f"no face found in {len(no_face)} image(s): {', '.join(no_face)}", file=sys.stderr)
+    print(f"aligned {written} face(s) from {len(jobs)} image(s)" + (f"; {len(no_face)} without a face" if no_face
+                                                                     else ""))
     return 0
+
+
+def _detected_crops(img_bgr: np.ndarray, detector, rule: str, image_size: int) -> List[np.ndarray]:
+    """BGR photo -> aligned BGR crops of the faces ``rule`` keeps (the detector takes RGB)."""
+    faces = select_faces(detector.detect(img_bgr[:, :, ::-1]), rule, img_bgr.shape)
+    return [norm_crop(img_bgr, f.landmarks, image_size) for f in faces]
 
 
 def cli() -> None:

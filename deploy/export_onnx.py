@@ -14,7 +14,7 @@ import argparse
 import logging
 import os
 import sys
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 from unittest import mock
 
 import numpy as np
@@ -108,6 +108,50 @@ def compare_embeddings(ref: np.ndarray, got: np.ndarray) -> Dict[str, float]:
     return {"min_cosine": float(cos.min()), "max_abs_diff": float(np.abs(ref - got).max())}
 
 
+def build_onnx(emb_sym, arg_params: dict, aux_params: dict, in_shape: Sequence[int], opset: int = 13,
+               dynamic_batch: bool = True, where: str = "checkpoint") -> Tuple[bytes, List[str]]:
+    """Convert an embedding graph + parameters to repaired ONNX bytes in memory; returns ``(blob, fixes)``.
+
+    ``in_shape`` (N, C, H, W) of input ``data``; the output is the graph's (N, E). Nothing is checked against MXNet
+    here: :func:`export_onnx` and :class:`deploy.onnx_embed.OnnxEmbedder` do that.
+    """
+    onnx, _ = _import_onnx()
+    from deploy.onnx_fix import explicit_defaults, fix_onnx_model, honour_fix_gamma, lower_for_onnx
+    from recognition.backbones.fast_prelu import convert_prelu
+
+    if opset not in SUPPORTED_OPSETS:
+        raise ToolkitError(f"--opset {opset}: mxnet {_mx_version()} exports opsets "
+                           f"{', '.join(map(str, SUPPORTED_OPSETS))} only")
+    emb_sym = convert_prelu(emb_sym, "stock")  # a training graph's bn PReLU: export insightface's operator
+    needed = [n for n in emb_sym.list_arguments() if n != "data"] + emb_sym.list_auxiliary_states()
+    have = dict(arg_params, **aux_params)
+    missing = [n for n in needed if n not in have]
+    if missing:
+        raise ToolkitError(f"{where} lacks {len(missing)} parameter(s) the graph needs: "
+                           f"{', '.join(missing[:6])}{' ...' if len(missing) > 6 else ''}")
+    params = {n: have[n] for n in needed}
+    in_shape = tuple(int(d) for d in in_shape)
+    fixes: List[str] = []
+    export_sym, changed = explicit_defaults(emb_sym)
+    if changed:
+        fixes.append(f"wrote {len(changed)} omitted boolean attribute(s) explicitly (e.g. {changed[0]})")
+    export_sym, lowered = lower_for_onnx(export_sym, in_shape)
+    if lowered:
+        fixes.append(f"rewrote {len(lowered)} reshape/dot node(s) for ONNX (e.g. {lowered[0]})")
+    params, fixed_gamma = honour_fix_gamma(export_sym, params)
+    if fixed_gamma:
+        fixes.append(f"exported gamma=1 for {len(fixed_gamma)} BatchNorm(fix_gamma=True): {', '.join(fixed_gamma[:4])}"
+                     f"{' ...' if len(fixed_gamma) > 4 else ''}")
+    model = _convert(export_sym, params, in_shape, opset, dynamic_batch)
+    try:
+        model, graph_fixes = fix_onnx_model(model)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        raise ToolkitError(f"the exported graph is not valid ONNX even after repair: "
+                           f"{(str(exc).splitlines() or [''])[0]}") from None
+    fixes.extend(graph_fixes)
+    return model.SerializeToString(), fixes
+
+
 def export_onnx(prefix: str, epoch: int, output: str, dynamic_batch: bool = False, batch_size: int = 1,
                 opset: int = 13, image_size: Sequence[int] = (112, 112), seed: int = 0) -> Dict:
     """Export ``PREFIX-%04d.params`` cut at ``fc1_output`` to ``output`` (atomically) after checking it.
@@ -119,7 +163,6 @@ def export_onnx(prefix: str, epoch: int, output: str, dynamic_batch: bool = Fals
     onnx, onnxruntime = _import_onnx()
     import mxnet as mx
 
-    from deploy.onnx_fix import explicit_defaults, fix_onnx_model, honour_fix_gamma, lower_for_onnx
     from recognition.verification import Embedder, cut_at_embedding
 
     if opset not in SUPPORTED_OPSETS:
@@ -132,33 +175,9 @@ def export_onnx(prefix: str, epoch: int, output: str, dynamic_batch: bool = Fals
     h, w = (int(v) for v in image_size)
     symbol, arg_params, aux_params = load_checkpoint(prefix, epoch)
     emb_sym = cut_at_embedding(symbol, f"{prefix}-symbol.json")
-    needed = [n for n in emb_sym.list_arguments() if n != "data"] + emb_sym.list_auxiliary_states()
-    have = dict(arg_params, **aux_params)
-    missing = [n for n in needed if n not in have]
-    if missing:
-        raise ToolkitError(f"{prefix}-{epoch:04d}.params lacks {len(missing)} parameter(s) the graph needs: "
-                           f"{', '.join(missing[:6])}{' ...' if len(missing) > 6 else ''}")
-    params = {n: have[n] for n in needed}
-
-    fixes: List[str] = []
-    export_sym, changed = explicit_defaults(emb_sym)
-    if changed:
-        fixes.append(f"wrote {len(changed)} omitted boolean attribute(s) explicitly (e.g. {changed[0]})")
-    export_sym, lowered = lower_for_onnx(export_sym, (batch_size, 3, h, w))
-    if lowered:
-        fixes.append(f"rewrote {len(lowered)} reshape/dot node(s) for ONNX (e.g. {lowered[0]})")
-    params, fixed_gamma = honour_fix_gamma(export_sym, params)
-    if fixed_gamma:
-        fixes.append(f"exported gamma=1 for {len(fixed_gamma)} BatchNorm(fix_gamma=True): {', '.join(fixed_gamma[:4])}"
-                     f"{' ...' if len(fixed_gamma) > 4 else ''}")
-    in_shape = (batch_size, 3, h, w)
-    model = _convert(export_sym, params, in_shape, opset, dynamic_batch)
-    try:
-        model, graph_fixes = fix_onnx_model(model)
-    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
-        raise ToolkitError(f"the exported graph is not valid ONNX even after repair: "
-                           f"{(str(exc).splitlines() or [''])[0]}") from None
-    fixes.extend(graph_fixes)
+    blob, fixes = build_onnx(emb_sym, arg_params, aux_params, (batch_size, 3, h, w), opset, dynamic_batch,
+                             where=f"{prefix}-{epoch:04d}.params")
+    model = onnx.load_from_string(blob)
     onnx.helper.set_model_props(model, {"source": f"{os.path.basename(prefix)},{epoch}", "embedding": "fc1_output",
                                         "input": "data: float32 NCHW RGB 0-255 (normalised inside the graph)"})
     blob = model.SerializeToString()
@@ -167,7 +186,8 @@ def export_onnx(prefix: str, epoch: int, output: str, dynamic_batch: bool = Fals
     in_name, out_name = sess.get_inputs()[0].name, sess.get_outputs()[0].name
     sizes = [batch_size, batch_size + 2] if dynamic_batch else [batch_size]
     rng = np.random.RandomState(seed)
-    embed = Embedder(emb_sym, arg_params, aux_params, ctx=[mx.cpu()], batch_size=max(sizes), data_shape=(3, h, w))
+    embed = Embedder(emb_sym, arg_params, aux_params, ctx=[mx.cpu()], batch_size=max(sizes), data_shape=(3, h, w),
+                     optimize=False)  # the reference is the checkpoint's graph as it is
     checks = []
     for n in sizes:
         x = rng.uniform(0, 255, size=(n, 3, h, w)).astype(np.float32)

@@ -5,7 +5,8 @@
 Writes ``OUTPUT/embeddings.npy`` (float32 (N, E), L2-normalised, flip-summed) and ``OUTPUT/index.tsv``
 (``name<TAB>label<TAB>path`` per row of the array). Work is saved in chunks (``OUTPUT/chunks/``, each written
 atomically), so an interrupted run restarted with the same arguments skips what is done. Unreadable images are
-skipped, counted and listed in ``OUTPUT/skipped.txt``.
+skipped, counted and listed in ``OUTPUT/skipped.txt``. Raw photos: ``--detect DIR`` (MTCNN, ``deploy/detect.py``)
+finds, aligns and embeds the face ``--faces largest|central`` keeps; photos without a face are skipped and listed.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from deploy.detect import add_detect_args, detector_from_args
 from deploy.face_model import FaceModel, add_model_args, decode_image, model_from_args, prepare_face, read_image
 from recognition.common import ToolkitError, atomic_write, run_cli
 
@@ -107,9 +109,11 @@ def _digest(items: Sequence[Item], extra: str) -> str:
 
 
 def extract(model: FaceModel, source: str, output: str, chunk_size: int = 1024, progress: bool = False,
-            model_id: str = "") -> Dict:
+            model_id: str = "", detector=None, rule: str = "largest") -> Dict:
     """Embed every image of ``source`` into ``output`` (see module doc), resuming from finished chunks.
 
+    With a ``detector`` (``deploy.detect.MtcnnDetector``) the images are raw photos: the face ``rule`` keeps is
+    aligned and embedded; photos without a face are skipped and listed like unreadable ones.
     Returns ``{num_images, num_skipped, chunks_done, chunks_reused, embeddings, index}``.
     """
     from tqdm import tqdm
@@ -117,6 +121,9 @@ def extract(model: FaceModel, source: str, output: str, chunk_size: int = 1024, 
     if chunk_size < 1:
         raise ToolkitError(f"--chunk-size {chunk_size}: must be >= 1")
     items, load = collect_items(source)
+    if detector is not None:
+        load = _detecting_loader(load, detector, rule, model.image_size[0])
+        model_id += f"|detect:{detector.min_face_size:g},{detector.thresholds},{rule},{detector.lnet is not None}"
     chunk_dir = os.path.join(output, "chunks")
     os.makedirs(chunk_dir, exist_ok=True)
     manifest = {"digest": _digest(items, f"{model_id}|{model.flip}|{model.image_size}"), "num_items": len(items),
@@ -160,9 +167,19 @@ def extract(model: FaceModel, source: str, output: str, chunk_size: int = 1024, 
         f.writelines(f"{p}\n" for (_, _, p), good in zip(items, ok) if not good)
     skipped = int((~ok).sum())
     if skipped:
-        logger.warning("skipped %d unreadable image(s); listed in %s", skipped, os.path.join(output, "skipped.txt"))
+        logger.warning("skipped %d unreadable (or, with --detect, faceless) image(s); listed in %s", skipped,
+                       os.path.join(output, "skipped.txt"))
     return {"num_images": int(ok.sum()), "num_skipped": skipped, "chunks_done": done, "chunks_reused": reused,
             "embeddings": emb_path, "index": index_path}
+
+
+def _detecting_loader(load: Callable[[str], np.ndarray], detector, rule: str, size: int) -> Callable[[str], np.ndarray]:
+    """Wrap an image loader: raw photo -> the aligned crop of its face (no face -> ToolkitError: skipped, listed)."""
+    from deploy.detect import aligned_face
+
+    def load_face(ref: str) -> np.ndarray:
+        return aligned_face(load(ref), detector, rule, size, ref)
+    return load_face
 
 
 def _embed_chunk(model: FaceModel, part: Sequence[Item], load) -> Tuple[np.ndarray, np.ndarray]:
@@ -187,15 +204,21 @@ def load_index(path: str) -> List[Item]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(description="Embeddings of aligned faces (folder / list file / rec) to .npy + index")
+    p = argparse.ArgumentParser(description="Embeddings of aligned faces (folder / list file / rec) to .npy + index; "
+                                            "raw photos with --detect")
     p.add_argument("--input", required=True, help="folder of identity sub-folders, list file, or train.rec (folder)")
     p.add_argument("--output", required=True, help="output folder (embeddings.npy, index.tsv, chunks/)")
     p.add_argument("--chunk-size", type=int, default=1024, help="images per resumable chunk")
     p.add_argument("--no-progress", action="store_true")
     add_model_args(p)
+    add_detect_args(p)
     args = p.parse_args(argv)
+    if args.detect and args.faces == "all":
+        raise ToolkitError("--faces all: extract embeds one face per photo; use --faces largest or central")
+    detector = detector_from_args(args)
     model = model_from_args(args)
-    r = extract(model, args.input, args.output, args.chunk_size, progress=not args.no_progress, model_id=args.model)
+    r = extract(model, args.input, args.output, args.chunk_size, progress=not args.no_progress, model_id=args.model,
+                detector=detector, rule=args.faces)
     print(f"{r['num_images']} embeddings -> {r['embeddings']} (index {r['index']}); {r['num_skipped']} skipped; "
           f"{r['chunks_done']} chunk(s) computed, {r['chunks_reused']} reused")
     return 0

@@ -1,383 +1,304 @@
-"""A small face-registry HTTP service: register, identify, delete and list faces over a persistent SQLite gallery.
+"""The face registry service: register, identify, delete and list faces over a persistent SQLite gallery.
 
-    python deploy/server.py --model ../models/model-y1-test2/model,0 --db gallery.sqlite --port 8080 --threshold 0.3
+    IFR_API_KEY=secret python deploy/server.py --model ../models/model-y1-test2/model,0 --db gallery.sqlite --port 8080
 
-Endpoints (JSON in, JSON out; errors are ``{"error": "..."}`` with a 4xx status):
+FastAPI on uvicorn; the OpenAPI description is at ``/docs`` (and ``/openapi.json``). Every request but ``GET
+/health`` needs the API key (``--api-key`` or ``IFR_API_KEY``) as ``X-API-Key: KEY``; ``--insecure-no-auth`` drops it,
+only on a loopback address. Endpoints (JSON, or ``multipart/form-data`` with image files; answers are JSON):
 
-- ``POST /registerFace`` ``{"name": str, "images": [base64 JPEG/PNG, ...]}`` (or ``"image"``)
-  -> ``{name, added, count}``
-- ``POST /detectFace`` ``{"image": base64}`` -> ``{name, score, candidate, threshold}``; ``name`` is ``"unknown"``
-  when the best cosine similarity is under ``--threshold`` (``candidate`` still names the nearest identity)
+- ``POST /registerFace`` ``{"name": str, "images": [base64 JPEG/PNG, ...]}`` (or ``"image"``; multipart: ``name``
+  plus ``images``/``image`` files) -> ``{name, added, count}``
+- ``POST /detectFace`` ``{"image": base64}`` (multipart: an ``image`` file) -> ``{name, score, candidate,
+  threshold}``; ``name`` is ``"unknown"`` under ``--threshold`` (``candidate`` still names the nearest identity)
 - ``POST /deleteFace`` ``{"name": str}`` -> ``{name, deleted}`` (404 for a name not in the gallery)
-- ``GET /faces`` -> ``{faces: [{name, count}], total}``; ``GET /health`` -> ``{status, names, embeddings, ...}``
+- ``GET /faces`` -> ``{faces: [{name, count}], total}``; ``GET /health`` -> ``{status, embedding_size, queue}``
 
-Images are aligned face crops of the model's input size (``deploy/align.py``), or any size with ``--resize``.
-Only the standard library serves HTTP: a fixed pool of ``--threads`` handler threads (a new thread per request,
-``ThreadingHTTPServer``'s way, grew the resident memory by ~0.9 MB per 1,000 requests through glibc's per-thread
-allocations; the pool stays flat), an idle keep-alive connection closed after ``--idle-timeout`` seconds so it cannot
-hold a thread, the model behind a lock (an MXNet executor is not re-entrant), the gallery in SQLite (WAL) behind its
-own lock with an in-memory matrix for matching. Scores: cosine of L2-normalised embeddings; an identity scores its
-best stored embedding.
+Errors are ``{"error": "one line"}`` with 400 (bad JSON/base64/image/name), 401 (API key), 403 (foreign Origin or
+Host), 404, 405, 408 (body too slow), 413 (body, image pixels or image count over a limit), 415 (not JSON or
+multipart), 422 (fields of the wrong type) or 503 (inference queue full). Limits: ``deploy/http_guard.py``.
+
+Images go through :func:`decode_faces` (bytes -> aligned RGB crops: the pixel count is read from the header before
+anything is decoded); inference runs on one worker thread behind a bounded queue (``--queue``), a registration in
+chunks of ``--chunk`` images so that identifications interleave with a long one. Scores: cosine of L2-normalised
+embeddings; an identity scores its best stored embedding (``deploy/gallery.py``).
 """
 from __future__ import annotations
 
 import argparse
+import asyncio
 import base64
 import binascii
-import json
 import logging
-import sqlite3
+import os
+import socket
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from http.server import BaseHTTPRequestHandler, HTTPServer
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence
 
 import numpy as np
 
+from deploy.gallery import FaceGallery
+from deploy.http_guard import LOOPBACK_HOSTS, Guard, protocol_with_header_timeout
 from recognition.common import ToolkitError, run_cli
+from recognition.image_header import MAX_IMAGE_PIXELS, ImageTooLarge, check_image
 
 logger = logging.getLogger("deploy.server")
 
-MAX_BODY = 16 * 1024 * 1024
-MAX_NAME = 200
+MAX_BODY = 16 * 2 ** 20
+API_KEY_ENV = "IFR_API_KEY"
+__all__ = ["FaceGallery", "FaceService", "ApiError", "Settings", "create_app", "decode_faces", "make_server"]
 
 
-class FaceGallery:
-    """Named L2-normalised embeddings in an SQLite file; thread-safe; survives restarts.
-
-    ``match(q)`` with ``q`` (E,) returns ``(name, score)`` of the best stored row (cosine), or ``(None, None)``.
-    """
-
-    def __init__(self, db_path: str):
-        self.db_path = db_path
-        self._lock = threading.Lock()
-        try:
-            self._db = sqlite3.connect(db_path, check_same_thread=False, isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.execute("CREATE TABLE IF NOT EXISTS faces (id INTEGER PRIMARY KEY AUTOINCREMENT, "
-                             "name TEXT NOT NULL, dim INTEGER NOT NULL, embedding BLOB NOT NULL)")
-            self._db.execute("CREATE INDEX IF NOT EXISTS faces_name ON faces(name)")
-        except sqlite3.Error as exc:
-            raise ToolkitError(f"--db {db_path}: cannot open as an SQLite gallery ({exc})") from None
-        self._reload()
-
-    def _reload(self) -> None:
-        rows = self._db.execute("SELECT name, dim, embedding FROM faces ORDER BY id").fetchall()
-        dims = {r[1] for r in rows}
-        if len(dims) > 1:
-            raise ToolkitError(f"--db {self.db_path}: mixes embedding sizes {sorted(dims)}")
-        self.dim = dims.pop() if dims else None
-        self._names = [r[0] for r in rows]
-        self._matrix = (np.stack([np.frombuffer(r[2], np.float32) for r in rows]) if rows
-                        else np.zeros((0, self.dim or 0), np.float32))
-
-    def check_dim(self, dim: int) -> None:
-        if self.dim is not None and self.dim != dim:
-            raise ToolkitError(f"--db {self.db_path}: holds {self.dim}-d embeddings but the model gives {dim}-d; "
-                               f"use another --db for this model")
-
-    def add(self, name: str, embeddings: np.ndarray) -> int:
-        """Store ``embeddings`` (N, E) under ``name`` in one transaction; returns the name's new count."""
-        embeddings = np.asarray(embeddings, np.float32)
-        with self._lock:
-            self.check_dim(embeddings.shape[1])
-            with self._db:
-                self._db.execute("BEGIN IMMEDIATE")
-                self._db.executemany("INSERT INTO faces (name, dim, embedding) VALUES (?, ?, ?)",
-                                     [(name, int(e.shape[0]), e.tobytes()) for e in embeddings])
-            # the in-memory copy follows the committed rows (same order as a reload would give)
-            self.dim = int(embeddings.shape[1])
-            self._matrix = np.concatenate([self._matrix.reshape(-1, self.dim), embeddings])
-            self._names.extend([name] * len(embeddings))
-            return self._names.count(name)
-
-    def delete(self, name: str) -> int:
-        """Remove every embedding of ``name``; returns how many (0 when unknown)."""
-        with self._lock:
-            with self._db:
-                self._db.execute("BEGIN IMMEDIATE")
-                n = self._db.execute("DELETE FROM faces WHERE name = ?", (name,)).rowcount
-            if n:
-                keep = np.array([k != name for k in self._names], bool)
-                self._matrix = self._matrix[keep]
-                self._names = [k for k in self._names if k != name]
-                self.dim = self.dim if self._names else None  # an emptied gallery takes any model, as on reload
-            return n
-
-    def listing(self) -> List[Tuple[str, int]]:
-        """``[(name, count)]`` sorted by name."""
-        with self._lock:
-            counts: Dict[str, int] = {}
-            for n in self._names:
-                counts[n] = counts.get(n, 0) + 1
-            return sorted(counts.items())
-
-    def size(self) -> int:
-        with self._lock:
-            return len(self._names)
-
-    def match(self, query: np.ndarray) -> Tuple[Optional[str], Optional[float]]:
-        """Best cosine of ``query`` (E,) (L2-normalised) against every stored embedding."""
-        with self._lock:
-            if not self._names:
-                return None, None
-            scores = self._matrix @ np.asarray(query, np.float32)
-            best = int(np.argmax(scores))
-            return self._names[best], float(scores[best])
-
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
-
-
-class HttpError(Exception):
-    """An answer with a 4xx status and ``{"error": message}``."""
+class ApiError(Exception):
+    """An answer with a 4xx/5xx status and ``{"error": message}``."""
 
     def __init__(self, status: int, message: str):
         super().__init__(message)
         self.status = status
 
 
-class FaceServer(HTTPServer):
-    """HTTP server answering on a fixed pool of ``threads`` handler threads; holds the model (behind
-    ``model_lock``), the gallery and the settings. Connections beyond the pool wait in the pool's queue."""
+class Settings:
+    """The service's limits (see ``main``'s flags)."""
 
-    def __init__(self, address, model, gallery: FaceGallery, threshold: float, max_body: int, threads: int = 8,
-                 idle_timeout: float = 15.0):
-        self.model, self.gallery, self.threshold, self.max_body = model, gallery, float(threshold), int(max_body)
-        self.model_lock = threading.Lock()
-        self.idle_timeout = float(idle_timeout)
-        # before binding: a failed bind calls server_close(), which shuts the pool down (threads start on demand)
-        self._pool = ThreadPoolExecutor(max_workers=int(threads), thread_name_prefix="face-http")
-        super().__init__(address, FaceHandler)
+    def __init__(self, threshold: float = 0.3, max_body: int = MAX_BODY, max_pixels: int = MAX_IMAGE_PIXELS,
+                 max_images: int = 32, queue: int = 64, chunk: int = 8, body_timeout: float = 30.0):
+        if not -1.0 <= float(threshold) <= 1.0:
+            raise ToolkitError(f"--threshold {threshold}: a cosine similarity threshold must lie in [-1, 1]")
+        for flag, value in (("--max-body-mb", max_body), ("--max-pixels", max_pixels), ("--max-images", max_images),
+                            ("--queue", queue), ("--chunk", chunk), ("--body-timeout", body_timeout)):
+            if not value > 0:
+                raise ToolkitError(f"{flag} {value}: must be > 0")
+        self.threshold, self.max_body, self.max_pixels = float(threshold), int(max_body), int(max_pixels)
+        self.max_images, self.queue, self.chunk, self.body_timeout = int(max_images), int(queue), int(chunk), \
+            float(body_timeout)
 
-    def process_request(self, request, client_address) -> None:
-        self._pool.submit(self._serve_connection, request, client_address)
 
-    def _serve_connection(self, request, client_address) -> None:
+def decode_faces(raw: bytes, field: str, model, max_pixels: int = MAX_IMAGE_PIXELS) -> List[np.ndarray]:
+    """Encoded image bytes -> aligned faces, each ``uint8 (H, W, 3)`` RGB of the model's input size.
+
+    The one place where the service turns bytes into faces. With ``--detect`` (``model`` is a
+    :class:`deploy.detect.FaceDetectingModel`) the photo is raw: MTCNN finds the face the ``--faces`` rule keeps and
+    it is aligned on the ArcFace template; a photo without a face is a 400. The header's pixel count is checked
+    before decoding (:class:`ImageTooLarge` -> 413); an undecodable image or one of the wrong size (without
+    ``--resize``) -> :class:`ToolkitError` (400).
+    """
+    from deploy.detect import FaceDetectingModel
+    from deploy.face_model import decode_image, prepare_face
+
+    check_image(raw, field, max_bytes=len(raw) + 1, max_pixels=max_pixels)
+    img = decode_image(raw, field)
+    try:
+        if isinstance(model, FaceDetectingModel):
+            return [model.prepare(img)]
+        return [prepare_face(img, getattr(model, "image_size", (112, 112)), getattr(model, "resize", False))]
+    except ToolkitError as exc:
+        raise ToolkitError(f"{field}: {str(exc).split(': ', 1)[-1]}") from None
+
+
+class Inference:
+    """One worker thread for the model (an MXNet executor is not re-entrant) behind a queue of at most ``limit``
+    waiting jobs; a job past that is refused at once with 503 instead of piling up."""
+
+    def __init__(self, model, limit: int, max_pixels: int):
+        self.model, self.limit, self.max_pixels = model, int(limit), int(max_pixels)
+        self.pending = 0
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="face-infer")
+
+    def _embed(self, raws: Sequence[bytes], fields: Sequence[str]) -> np.ndarray:
+        faces = []
+        for raw, field in zip(raws, fields):
+            try:
+                faces.extend(decode_faces(raw, field, self.model, self.max_pixels))
+            except ImageTooLarge as exc:
+                raise ApiError(413, str(exc)) from None
+            except ToolkitError as exc:
+                raise ApiError(400, str(exc)) from None
+        # faces are aligned crops by now: embed them with the plain model (a FaceDetectingModel would detect again)
+        embedder = getattr(self.model, "model", self.model) if hasattr(self.model, "detector") else self.model
+        return np.asarray(embedder.get_features(faces), np.float32)
+
+    async def embed(self, raws: Sequence[bytes], fields: Sequence[str]) -> np.ndarray:
+        """Decode and embed on the worker thread -> ``(N, E)`` float32 L2-normalised."""
+        if self.pending >= self.limit:
+            raise ApiError(503, f"busy: {self.pending} inference jobs queued (--queue {self.limit}); retry later")
+        self.pending += 1  # only touched on the event loop thread
         try:
-            self.finish_request(request, client_address)
-        except Exception:
-            self.handle_error(request, client_address)
+            return await asyncio.get_running_loop().run_in_executor(self._pool, self._embed, raws, fields)
         finally:
-            self.shutdown_request(request)
+            self.pending -= 1
 
-    def embed(self, images: List[np.ndarray], where: Sequence[str]) -> np.ndarray:
-        """RGB uint8 images -> (N, E) L2-normalised; a bad image -> HttpError 400 naming its field."""
-        from deploy.face_model import l2_normalize
-
-        out = []
-        with self.model_lock:
-            for img, field in zip(images, where):
-                try:
-                    out.append(self.model.get_feature(img))
-                except ToolkitError as exc:
-                    raise HttpError(400, f"{field}: {exc}") from None
-        return l2_normalize(np.stack(out).astype(np.float32))
-
-    def server_close(self) -> None:
-        super().server_close()
-        self._pool.shutdown(wait=True)  # connections in progress finish (idle ones within idle_timeout)
-        self.gallery.close()
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
 
 
-def _decode_b64_image(text, field: str) -> np.ndarray:
-    from deploy.face_model import decode_image
-
+def b64_image(text: object, field: str) -> bytes:
     if not isinstance(text, str) or not text:
-        raise HttpError(400, f"{field}: expected a base64 string of a JPEG/PNG image")
+        raise ApiError(422, f"{field}: expected a base64 string of a JPEG/PNG image")
     if text.startswith("data:") and "," in text:  # data URL from a browser
         text = text.split(",", 1)[1]
     try:
-        raw = base64.b64decode(text, validate=True)
+        return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
-        raise HttpError(400, f"{field}: not valid base64") from None
-    try:
-        return decode_image(raw, field)
-    except ToolkitError as exc:
-        raise HttpError(400, f"{exc} (not a JPEG/PNG image)") from None
+        raise ApiError(400, f"{field}: not valid base64") from None
 
 
-def _name(body: dict) -> str:
-    name = body.get("name")
-    if not isinstance(name, str) or not name.strip():
-        raise HttpError(400, "name: expected a non-empty string")
-    if len(name) > MAX_NAME:
-        raise HttpError(400, f"name: longer than {MAX_NAME} characters")
-    return name.strip()
+def create_app(model, gallery: FaceGallery, settings: Settings, api_key: Optional[str]):
+    """The ASGI application: FastAPI routes wrapped in :class:`deploy.http_guard.Guard`. ``model`` needs
+    ``get_features([rgb uint8]) -> (N, E)`` and ``embedding_size`` (a :class:`deploy.face_model.FaceModel`)."""
+    from deploy.server_routes import build_routes
+
+    inference = Inference(model, settings.queue, settings.max_pixels)
+    app = build_routes(model, gallery, settings, inference)
+    guarded = Guard(app, api_key, settings.max_body, settings.body_timeout)
+    guarded.fastapi, guarded.inference = app, inference  # type: ignore[attr-defined]
+    return guarded
 
 
-class FaceHandler(BaseHTTPRequestHandler):
-    """Routes requests to the ``_get_*``/``_post_*`` methods; every answer is JSON."""
+class FaceService:
+    """The service on uvicorn: ``start()`` serves from a thread (tests, benchmarks), ``serve()`` blocks (the CLI);
+    ``url`` once started; ``stop()`` closes connections, the inference thread and the gallery."""
 
-    server: FaceServer
-    protocol_version = "HTTP/1.1"
+    def __init__(self, model, gallery: FaceGallery, settings: Settings, api_key: Optional[str], host: str,
+                 port: int, header_timeout: float = 10.0, idle_timeout: float = 5.0, max_connections: int = 1000):
+        import uvicorn
 
-    def setup(self) -> None:
-        self.timeout = self.server.idle_timeout  # socket timeout: an idle keep-alive connection is closed
-        super().setup()
+        self.gallery, self.settings, self.host = gallery, settings, host
+        self.app = create_app(model, gallery, settings, api_key)
+        config = uvicorn.Config(self.app, host=host, port=int(port), http=protocol_with_header_timeout(header_timeout),
+                                timeout_keep_alive=float(idle_timeout), limit_concurrency=int(max_connections),
+                                log_level="warning", access_log=False, lifespan="off", ws="none",
+                                log_config=None)  # the toolkit's logging as configured, not uvicorn's
+        self.server = uvicorn.Server(config)
+        self._thread: Optional[threading.Thread] = None
+        self._port_wanted, self.port, self._closed = int(port), None, False
 
-    def log_message(self, fmt, *args) -> None:  # keep the console for errors; access log at debug level
-        logger.debug("%s %s", self.address_string(), fmt % args)
+    @property
+    def url(self) -> str:
+        return f"http://{self.host if ':' not in self.host else '[' + self.host + ']'}:{self.port}"
 
-    def _send(self, status: int, payload: dict) -> None:
-        data = json.dumps(payload).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        if self.close_connection:
-            self.send_header("Connection", "close")
-        self.end_headers()
-        self.wfile.write(data)
-
-    def _dispatch(self, method: str) -> None:
-        path = self.path.split("?", 1)[0].rstrip("/") or "/"
-        routes = {("GET", "/health"): self._get_health, ("GET", "/faces"): self._get_faces,
-                  ("POST", "/registerFace"): self._post_register, ("POST", "/detectFace"): self._post_detect,
-                  ("POST", "/deleteFace"): self._post_delete}
+    def _bind(self) -> socket.socket:
+        """Listen before uvicorn runs, so that a bad address is one line here (uvicorn would ``sys.exit``)."""
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
         try:
-            handler = routes.get((method, path))
-            if handler is None:
-                if any(p == path for _, p in routes):
-                    raise HttpError(405, f"{method} {path}: method not allowed")
-                raise HttpError(404, f"{path}: no such endpoint (have {', '.join(sorted(p for _, p in routes))})")
-            self._send(200, handler())
-        except HttpError as exc:
-            self._send(exc.status, {"error": str(exc)})
-        except Exception as exc:  # a bug or a model failure: answer, log, keep serving
-            logger.exception("request %s %s failed", method, path)
-            self._send(500, {"error": f"internal error: {type(exc).__name__}: {exc}"})
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((self.host, self._port_wanted))
+            sock.listen(2048)
+        except OSError as exc:
+            sock.close()
+            self.close()
+            raise ToolkitError(f"--host {self.host} --port {self._port_wanted}: cannot listen "
+                               f"({exc.strerror or exc})") from None
+        sock.set_inheritable(True)
+        self.port = int(sock.getsockname()[1])
+        return sock
 
-    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
-        self._dispatch("GET")
-
-    def do_POST(self) -> None:  # noqa: N802
-        self._dispatch("POST")
-
-    def _body(self) -> dict:
-        length = self.headers.get("Content-Length")
-        if length is None:
-            self.close_connection = True
-            raise HttpError(411, "Content-Length header required")
-        try:
-            n = int(length)
-        except ValueError:
-            self.close_connection = True
-            raise HttpError(400, f"Content-Length {length!r}: not an integer") from None
-        if n > self.server.max_body:
-            self.close_connection = True  # the unread body must not be parsed as the next request
-            self._drain(n)
-            raise HttpError(413, f"request body of {n} bytes exceeds the limit of {self.server.max_body} bytes")
-        try:
-            body = json.loads(self.rfile.read(n) or b"null")
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise HttpError(400, f"body: not valid JSON ({exc})") from None
-        if not isinstance(body, dict):
-            raise HttpError(400, "body: expected a JSON object")
-        return body
-
-    def _drain(self, n: int, limit: int = 64 * 2 ** 20) -> None:
-        """Read and drop up to ``limit`` bytes of a refused body, so that a client still sending it gets the 413
-        instead of a connection reset; past ``limit`` the connection is simply closed."""
-        left = min(n, limit)
-        while left > 0:
-            chunk = self.rfile.read(min(left, 1 << 16))
-            if not chunk:
+    def start(self, timeout: float = 30.0) -> "FaceService":
+        """Serve from a background thread; returns once the service accepts connections."""
+        sock = self._bind()
+        self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, name="face-service",
+                                        daemon=True)
+        self._thread.start()
+        for _ in range(int(timeout * 50)):
+            if self.server.started or not self._thread.is_alive():
                 break
-            left -= len(chunk)
+            self._thread.join(0.02)
+        if not self.server.started:
+            self.stop()
+            raise ToolkitError(f"--host {self.host} --port {self.port}: the service did not start")
+        return self
 
-    def _get_health(self) -> dict:
-        return {"status": "ok", "names": len(self.server.gallery.listing()), "embeddings": self.server.gallery.size(),
-                "embedding_size": int(self.server.model.embedding_size), "threshold": self.server.threshold}
+    def serve(self) -> None:
+        """Serve in this thread until SIGINT/SIGTERM."""
+        sock = self._bind()
+        logger.info("serving on %s (gallery %s: %d embeddings)", self.url, self.gallery.db_path, self.gallery.size())
+        try:
+            self.server.run(sockets=[sock])
+        finally:
+            self.close()
 
-    def _get_faces(self) -> dict:
-        faces = [{"name": n, "count": c} for n, c in self.server.gallery.listing()]
-        return {"faces": faces, "total": sum(f["count"] for f in faces)}
+    def stop(self) -> None:
+        self.server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(30)
+        self.close()
 
-    def _post_register(self) -> dict:
-        body = self._body()
-        name = _name(body)
-        images = body.get("images", [body["image"]] if "image" in body else None)
-        if not isinstance(images, list) or not images:
-            raise HttpError(400, "images: expected a non-empty list of base64 JPEG/PNG images (or 'image')")
-        fields = [f"images[{i}]" for i in range(len(images))]
-        decoded = [_decode_b64_image(img, f) for img, f in zip(images, fields)]
-        emb = self.server.embed(decoded, fields)  # every image checked before anything is stored
-        count = self.server.gallery.add(name, emb)
-        return {"name": name, "added": len(decoded), "count": count}
-
-    def _post_detect(self) -> dict:
-        body = self._body()
-        if "image" not in body:
-            raise HttpError(400, "image: missing (base64 JPEG/PNG of an aligned face)")
-        emb = self.server.embed([_decode_b64_image(body["image"], "image")], ["image"])[0]
-        best, score = self.server.gallery.match(emb)
-        known = best is not None and score >= self.server.threshold
-        return {"name": best if known else "unknown", "score": score, "candidate": best,
-                "threshold": self.server.threshold}
-
-    def _post_delete(self) -> dict:
-        name = _name(self._body())
-        n = self.server.gallery.delete(name)
-        if not n:
-            raise HttpError(404, f"name {name!r}: not in the gallery")
-        return {"name": name, "deleted": n}
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self.app.inference.close()
+            self.gallery.close()
 
 
-def make_server(model, db_path: str, host: str = "127.0.0.1", port: int = 8080, threshold: float = 0.3,
-                max_body: int = MAX_BODY, threads: int = 8, idle_timeout: float = 15.0) -> FaceServer:
-    """Open the gallery and bind the HTTP server (``port=0``: any free port, see ``server.server_address``).
+def make_server(model, db_path: str, host: str = "127.0.0.1", port: int = 8080, api_key: Optional[str] = None,
+                insecure_no_auth: bool = False, **kwargs) -> FaceService:
+    """Open the gallery and build the service (``port=0``: any free port; see ``service.port`` after ``start()``).
 
-    ``model`` needs ``get_feature(rgb_uint8_image) -> (E,)`` (a :class:`deploy.face_model.FaceModel`) and
-    ``embedding_size``. Call ``serve_forever()`` (e.g. in a thread), then ``shutdown()`` and ``server_close()``.
+    ``kwargs``: :class:`Settings` fields and ``header_timeout``/``idle_timeout``/``max_connections``. An API key is
+    required unless ``insecure_no_auth`` on a loopback ``host``.
     """
-    if not -1.0 <= float(threshold) <= 1.0:
-        raise ToolkitError(f"--threshold {threshold}: a cosine similarity threshold must lie in [-1, 1]")
-    if int(threads) < 1:
-        raise ToolkitError(f"--threads {threads}: must be >= 1")
-    if not float(idle_timeout) > 0:
-        raise ToolkitError(f"--idle-timeout {idle_timeout}: must be > 0 seconds")
+    service_kw = {k: kwargs.pop(k) for k in ("header_timeout", "idle_timeout", "max_connections") if k in kwargs}
+    settings = Settings(**kwargs)
+    if api_key is not None and len(api_key) < 8:
+        raise ToolkitError("--api-key: too short (use at least 8 characters, e.g. from `openssl rand -hex 16`)")
+    if not api_key:
+        if not insecure_no_auth:
+            raise ToolkitError(f"no API key: pass --api-key KEY or set {API_KEY_ENV} (or --insecure-no-auth on "
+                               f"a loopback address)")
+        if host not in LOOPBACK_HOSTS:
+            raise ToolkitError(f"--insecure-no-auth: only allowed on a loopback --host (127.0.0.1, ::1), not {host}")
     gallery = FaceGallery(db_path)
     try:
         gallery.check_dim(int(model.embedding_size))
-        return FaceServer((host, int(port)), model, gallery, threshold, max_body, threads, idle_timeout)
-    except OSError as exc:
-        gallery.close()
-        raise ToolkitError(f"--host {host} --port {port}: cannot listen ({exc.strerror or exc})") from None
+        return FaceService(model, gallery, settings, api_key or None, host, port, **service_kw)
     except BaseException:
         gallery.close()
         raise
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    from deploy.detect import FaceDetectingModel, add_detect_args, detector_from_args
     from deploy.face_model import add_model_args, model_from_args
 
     p = argparse.ArgumentParser(description="Face registry HTTP service over a checkpoint and an SQLite gallery.")
     add_model_args(p)
-    p.set_defaults(batch_size=1)  # one face per forward: a request never waits for a padded batch of 32
+    add_detect_args(p)
+    p.set_defaults(batch_size=8)
     p.add_argument("--db", required=True, help="SQLite gallery file (created when absent)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--api-key", default=None, help=f"required key (default: ${API_KEY_ENV})")
+    p.add_argument("--insecure-no-auth", action="store_true", help="no API key (loopback --host only)")
     p.add_argument("--threshold", type=float, default=0.3, help="cosine under which a face is 'unknown'")
     p.add_argument("--max-body-mb", type=float, default=MAX_BODY / 2 ** 20, help="largest request body (MiB)")
-    p.add_argument("--threads", type=int, default=8, help="handler threads (connections beyond wait in a queue)")
-    p.add_argument("--idle-timeout", type=float, default=15.0,
-                   help="seconds an idle keep-alive connection may hold a handler thread")
+    p.add_argument("--max-pixels", type=int, default=MAX_IMAGE_PIXELS, help="largest width x height per image")
+    p.add_argument("--max-images", type=int, default=32, help="most images in one request")
+    p.add_argument("--queue", type=int, default=64, help="inference jobs that may wait; more get 503")
+    p.add_argument("--chunk", type=int, default=8, help="images per inference job of a registration")
+    p.add_argument("--header-timeout", type=float, default=10.0, help="seconds to receive a request's headers")
+    p.add_argument("--body-timeout", type=float, default=30.0, help="seconds to receive a request's body")
+    p.add_argument("--idle-timeout", type=float, default=5.0, help="seconds an idle keep-alive connection stays")
+    p.add_argument("--max-connections", type=int, default=1000, help="concurrent connections (uvicorn's limit)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    for flag in ("header_timeout", "idle_timeout", "max_connections"):
+        if not getattr(args, flag) > 0:
+            raise ToolkitError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be > 0")
+    api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
     model = model_from_args(args)
-    server = make_server(model, args.db, args.host, args.port, args.threshold, int(args.max_body_mb * 2 ** 20),
-                         args.threads, args.idle_timeout)
-    host, port = server.server_address[:2]
-    logger.info("serving on http://%s:%d (gallery %s: %d embeddings)", host, port, args.db, server.gallery.size())
+    detector = detector_from_args(args)
+    if detector is not None:
+        model = FaceDetectingModel(model, detector, args.faces)
+    service = make_server(model, args.db, args.host, args.port, api_key, args.insecure_no_auth,
+                          threshold=args.threshold, max_body=int(args.max_body_mb * 2 ** 20),
+                          max_pixels=args.max_pixels, max_images=args.max_images, queue=args.queue, chunk=args.chunk,
+                          body_timeout=args.body_timeout, header_timeout=args.header_timeout,
+                          idle_timeout=args.idle_timeout, max_connections=args.max_connections)
     try:
-        server.serve_forever()
+        service.serve()
     except KeyboardInterrupt:
         logger.info("stopping")
-    finally:
-        server.server_close()
     return 0
 
 

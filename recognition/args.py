@@ -51,7 +51,7 @@ def add_legacy_loss_args(parser: argparse.ArgumentParser) -> None:
     for flag, kind, text in (("--version-se", int, "1: squeeze-excitation units (fresnet)"),
                              ("--version-input", int, "stem: 1 3x3 stride 1, 0 7x7 stride 2 (fresnet)"),
                              ("--version-output", str, "embedding head: E GDC F G H I J GAP (insightface's E)"),
-                             ("--version-unit", int, "residual unit (3 only)"),
+                             ("--version-unit", int, "residual unit: 1, 2, 3 (fresnet)"),
                              ("--version-act", str, "activation: prelu relu sigmoid tanh softrelu"),
                              ("--version-multiplier", float, "width multiplier (MobileNet)")):
         s.add_argument(flag, type=kind, default=None, help=text + "; train_softmax.py's defaults from scratch")
@@ -146,6 +146,16 @@ def add_finetune_args(parser: argparse.ArgumentParser) -> None:
                    help="frozen: BatchNorm uses its stored statistics throughout")
     g.add_argument("--eval-pretrained", action="store_true", default=None,
                    help="verify the starting model on the targets first and print a before/after table")
+    g.add_argument("--source-targets", default=None,
+                   help="comma list of --target names that stand for what the model already knows (e.g. lfw): "
+                        "each round logs how much of the pretrained accuracy is kept (metrics.jsonl 'kept', a "
+                        "dashed line in curves.png); implies --eval-pretrained")
+    g.add_argument("--max-source-drop", type=float, default=None,
+                   help="warn when a --source-targets accuracy falls more than this below the pretrained model's "
+                        "(accuracy fraction: 0.005 = half a point)")
+    g.add_argument("--stop-on-source-drop", action="store_true", default=None,
+                   help="stop at the first verification round past --max-source-drop (checkpoints and resume "
+                        "state kept, as a graceful stop)")
 
 
 def add_run_args(parser: argparse.ArgumentParser) -> None:

@@ -251,14 +251,14 @@ def load_checkpoint(prefix: str, epoch: int, need_symbol: bool = True):
     if need_symbol:
         if not os.path.isfile(sym_path):
             raise ToolkitError(f"checkpoint symbol {sym_path} does not exist (params found at {params_path})")
-        try:
-            symbol = mx.sym.load(sym_path)
-        except Exception as exc:  # MXNetError with a C++ stack: keep the first line only
-            raise ToolkitError(f"{sym_path}: not a readable MXNet symbol ({str(exc).splitlines()[0]})") from None
+        symbol = load_symbol(sym_path)
     try:
         saved = mx.nd.load(params_path)
-    except Exception as exc:
-        raise ToolkitError(f"{params_path}: not a readable MXNet params file ({str(exc).splitlines()[0]})") from None
+    except Exception as exc:  # MXNet says "Invalid NDArray file format" (first line "Traceback ..."): find the cause
+        from recognition.params_format import params_problem
+
+        cause = params_problem(params_path) or mxnet_error_line(exc)
+        raise ToolkitError(f"{params_path}: not a readable MXNet params file ({cause})") from None
     if not isinstance(saved, dict):
         raise ToolkitError(f"{params_path}: holds an unnamed array list, not a checkpoint")
     arg_params, aux_params = {}, {}
@@ -272,6 +272,41 @@ def load_checkpoint(prefix: str, epoch: int, need_symbol: bool = True):
             (aux_params if name.endswith(("moving_mean", "moving_var", "running_mean", "running_var"))
              else arg_params)[key] = value
     return symbol, arg_params, aux_params
+
+
+def mxnet_error_line(exc: BaseException) -> str:
+    """The informative line of an MXNet error (its text starts with "Traceback ..." and C++ file lines)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        if not ln.startswith(("Traceback", "File ", "[bt]", "Stack trace")):
+            return ln.replace("MXNetError: ", "")
+    return type(exc).__name__
+
+
+def load_symbol(sym_path: str):
+    """``mx.sym.load`` with the cause of a failure kept: not UTF-8 (byte N), not JSON (line, column), not a graph."""
+    import json
+
+    import mxnet as mx
+
+    with open(sym_path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ToolkitError(f"{sym_path}: not a readable MXNet symbol (not UTF-8 text: byte {exc.start} is "
+                           f"0x{raw[exc.start]:02x})") from None
+    try:
+        graph = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ToolkitError(f"{sym_path}: not a readable MXNet symbol (not JSON at line {exc.lineno} column "
+                           f"{exc.colno}: {exc.msg})") from None
+    if not isinstance(graph, dict) or not isinstance(graph.get("nodes"), list) or "heads" not in graph:
+        raise ToolkitError(f"{sym_path}: not a readable MXNet symbol (JSON, but no 'nodes' list and 'heads')")
+    try:
+        return mx.sym.load_json(text)
+    except Exception as exc:
+        raise ToolkitError(f"{sym_path}: not a readable MXNet symbol ({mxnet_error_line(exc)})") from None
 
 
 def symbol_json(symbol) -> str:

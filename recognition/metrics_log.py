@@ -39,12 +39,16 @@ class Series:
         self.max_points, self.width = int(max_points), 1
         self.points: List[list] = []  # [last step, count, (sum, n) per field ...]
         self.verify: Dict[str, List[tuple]] = {}
+        self.kept: Dict[str, float] = {}  # source target -> the pretrained model's accuracy (the level to keep)
 
     def add(self, rec: dict) -> None:
-        """Take one metrics record (``train`` and ``verify`` kinds are kept, others ignored)."""
+        """Take one metrics record (``train``, ``verify`` and ``kept`` kinds are kept, others ignored)."""
         kind = rec.get("kind")
         if kind == "verify":
             self.verify.setdefault(rec["target"], []).append((rec["step"], rec["acc"]))
+            return
+        if kind == "kept":
+            self.kept[rec["target"]] = float(rec["before"])
             return
         if kind != "train":
             return
@@ -206,8 +210,11 @@ def plot_series(series: Series, png_path: str) -> Optional[str]:
         axes[1].plot(*zip(*nomargin), lw=0.8, label="no margin")
         axes[1].legend()
     axes[1].set_title("training accuracy")
+    colours = {}
     for name, pts in sorted(verify.items()):
-        axes[2].plot(*zip(*pts), marker="o", label=name)
+        colours[name] = axes[2].plot(*zip(*pts), marker="o", label=name)[0].get_color()
+    for name, level in sorted(series.kept.items()):  # --source-targets: the accuracy the run should keep
+        axes[2].axhline(level, ls="--", lw=0.9, color=colours.get(name, "grey"), label=f"{name} pretrained (kept)")
     if verify:
         axes[2].legend()
     axes[2].set_title("verification accuracy")

@@ -13,10 +13,9 @@ from __future__ import annotations
 import contextlib
 import mmap
 import os
-import pickle
 import struct
 import tempfile
-from typing import Iterable, List, Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -345,119 +344,5 @@ def write_dataset(out_dir: str, samples: Sequence[Tuple[int, object]], num_class
             "num_images": int(len(labels))}
 
 
-# -- verification .bin ---------------------------------------------------------------------------------------------
-def _latin1_encode(text, encoding="latin1"):
-    """Python 3 writes ``bytes`` in protocol-2 pickles as ``_codecs.encode(str, 'latin1')``: allow only that."""
-    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
-        raise pickle.UnpicklingError("_codecs.encode is only allowed as encode(str, 'latin1')")
-    return text.encode("latin1")
-
-
-def _safe_dtype(spec, align=False, copy=False):
-    """``numpy.dtype`` restricted to plain numeric/bool dtypes (no object arrays: those unpickle arbitrary globals)."""
-    dt = np.dtype(spec)
-    if dt.kind not in "biuf" or dt.hasobject:
-        raise pickle.UnpicklingError(f"numpy dtype {dt} is not allowed")
-    return dt
-
-
-def _safe_reconstruct(cls, shape, dtype_code):
-    """``numpy.core.multiarray._reconstruct`` for plain ``ndarray`` only (the array data follows in BUILD)."""
-    if cls is not np.ndarray:
-        raise pickle.UnpicklingError("_reconstruct is only allowed for numpy.ndarray")
-    return np.ndarray.__new__(np.ndarray, shape, dtype_code)
-
-
-def _safe_scalar(dtype, data=None):
-    """``numpy.core.multiarray.scalar`` for bool/int scalars (issame lists saved as numpy booleans)."""
-    if not isinstance(dtype, np.dtype) or dtype.kind not in "biu":
-        raise pickle.UnpicklingError("numpy scalar is only allowed for bool/int dtypes")
-    return np.frombuffer(data, dtype=dtype, count=1)[0]
-
-
-def _safe_bytearray(data=b"", encoding="latin1"):
-    """``bytearray`` from bytes, or from a latin-1 ``str`` (how protocol-2 pickles write it); nothing else."""
-    if isinstance(data, str) and encoding in ("latin1", "latin-1"):
-        return bytearray(data.encode("latin1"))
-    if not isinstance(data, (bytes, bytearray)):
-        raise pickle.UnpicklingError("bytearray is only allowed from bytes or a latin-1 str")
-    return bytearray(data)
-
-
-_ALLOWED = {("_codecs", "encode"): _latin1_encode, ("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): _safe_dtype,
-            ("builtins", "bytearray"): _safe_bytearray, ("__builtin__", "bytearray"): _safe_bytearray}
-for _mod in ("numpy.core.multiarray", "numpy._core.multiarray"):  # numpy 1.x and 2.x pickles
-    _ALLOWED[(_mod, "_reconstruct")] = _safe_reconstruct
-    _ALLOWED[(_mod, "scalar")] = _safe_scalar
-
-
-class _SafeUnpickler(pickle.Unpickler):
-    """Unpickler whose globals are limited to :data:`_ALLOWED`: only bytes, arrays, lists, tuples, bools, ints.
-
-    The one restricted unpickler for insightface ``.bin`` files (also :func:`recognition.verification.read_bin`).
-    """
-
-    def __init__(self, f, path: str):
-        super().__init__(f, encoding="bytes")  # insightface's bins are Python 2 pickles of ``str`` bytes
-        self._path = path
-
-    def find_class(self, module, name):
-        key = (module, name)
-        if key not in _ALLOWED:
-            raise ToolkitError(f"{self._path}: refusing to unpickle forbidden global {module}.{name} "
-                               "(a .bin may only hold image bytes, arrays, lists and bools)")
-        return _ALLOWED[key]
-
-    def persistent_load(self, pid):
-        raise ToolkitError(f"{self._path}: refusing a pickle persistent id (not an insightface .bin)")
-
-
-def safe_load_pickle(path: str) -> object:
-    """Unpickle ``path`` with :class:`_SafeUnpickler`; errors become one-line :class:`ToolkitError` naming the file."""
-    if not os.path.isfile(path):
-        raise ToolkitError(f"verification set {path} does not exist")
-    try:
-        with open(path, "rb") as f:
-            return _SafeUnpickler(f, path).load()
-    except ToolkitError:
-        raise
-    except Exception as exc:  # UnpicklingError, EOFError, ValueError from a truncated or foreign file
-        raise ToolkitError(f"{path}: not a readable insightface .bin pickle ({type(exc).__name__}: {exc})") from None
-
-
-def safe_load_bin_pickle(path: str) -> Tuple[List[bytes], List[bool]]:
-    """Load an insightface verification ``.bin`` -> ``(list of encoded images, list of bool)`` without running code.
-
-    Accepts Python 2 pickles (``str`` images read as bytes) and numpy-array images (returned as bytes).
-    Checks: two lists, ``len(images) == 2 * len(issame)``.
-    """
-    obj = safe_load_pickle(path)
-    if not isinstance(obj, (tuple, list)) or len(obj) != 2:
-        raise ToolkitError(f"{path}: expected a pickle of (images, issame), got {type(obj).__name__}")
-    images, issame = obj
-    if not isinstance(images, (list, tuple)) or not isinstance(issame, (list, tuple, np.ndarray)):
-        raise ToolkitError(f"{path}: expected two lists (images, issame)")
-    out = []
-    for i, im in enumerate(images):
-        if isinstance(im, np.ndarray):
-            im = im.tobytes()
-        if isinstance(im, str):
-            im = im.encode("latin1")
-        if not isinstance(im, (bytes, bytearray)):
-            raise ToolkitError(f"{path}: image {i} is a {type(im).__name__}, expected encoded bytes")
-        out.append(bytes(im))
-    flags = [bool(x) for x in issame]
-    if len(out) != 2 * len(flags):
-        raise ToolkitError(f"{path}: {len(out)} images for {len(flags)} pairs; expected exactly 2 images per pair")
-    return out, flags
-
-
-def save_bin(path: str, images: Iterable[bytes], issame: Iterable[bool]) -> str:
-    """Write an insightface verification ``.bin`` atomically (pickle protocol 4 of two lists)."""
-    images = [bytes(b) for b in images]
-    issame = [bool(x) for x in issame]
-    if len(images) != 2 * len(issame):
-        raise ToolkitError(f"{path}: {len(images)} images for {len(issame)} pairs; need 2 images per pair")
-    with atomic_write(path, "wb") as f:
-        pickle.dump((images, issame), f, protocol=4)
-    return path
+# The verification .bin reader lives in recognition/bin_pickle.py; its public names stay importable from here.
+from recognition.bin_pickle import safe_load_bin_pickle, safe_load_pickle, save_bin  # noqa: E402,F401

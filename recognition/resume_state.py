@@ -44,6 +44,7 @@ class StopFlag:
 
     def __init__(self, signals: Sequence[int] = (signal.SIGINT, signal.SIGTERM)):
         self.signum: Optional[int] = None
+        self.reason = ""  # a stop the run asks for itself (request), e.g. --stop-on-source-drop
         self._old = {}
         if threading.current_thread() is threading.main_thread():
             for sig in signals:
@@ -56,12 +57,16 @@ class StopFlag:
         logger.warning("%s received: stopping after this step (send again to abort at once)",
                        signal.Signals(signum).name)
 
+    def request(self, reason: str) -> None:
+        """Stop after this step for ``reason`` (the same graceful path as a signal)."""
+        self.reason = self.reason or reason
+
     def __bool__(self) -> bool:
-        return self.signum is not None
+        return self.signum is not None or bool(self.reason)
 
     @property
     def name(self) -> str:
-        return signal.Signals(self.signum).name if self.signum is not None else ""
+        return signal.Signals(self.signum).name if self.signum is not None else self.reason
 
     def restore(self) -> None:
         for sig, old in self._old.items():

@@ -151,6 +151,30 @@ def _resolve_targets(cfg, data_dir: str) -> List[str]:
     return paths
 
 
+def _source_watch(cfg, targets: Sequence[str]) -> Tuple[Tuple[str, ...], Optional[float], bool]:
+    """``--source-targets/--max-source-drop/--stop-on-source-drop`` checked against the resolved targets ->
+    (source target names, largest allowed drop or None, stop)."""
+    raw = cfg.get("source_targets") or ""
+    names = tuple(t.strip() for t in (raw.split(",") if isinstance(raw, str) else raw) if t and t.strip())
+    known = [os.path.splitext(os.path.basename(p))[0] for p in targets]
+    for name in names:
+        if name not in known:
+            raise ToolkitError(f"--source-targets {name}: not among the verification targets "
+                               f"({', '.join(known) or 'none: add --target'})")
+    drop = cfg.get("max_source_drop")
+    if drop is not None:
+        drop = float(drop)
+        if not (math.isfinite(drop) and 0 <= drop <= 1):
+            raise ToolkitError(f"--max-source-drop {cfg.max_source_drop}: an accuracy fraction in [0, 1] "
+                               f"(0.005 = half a point)")
+        if not names:
+            raise ToolkitError("--max-source-drop needs --source-targets (which targets stand for the source domain)")
+    stop = bool(cfg.get("stop_on_source_drop"))
+    if stop and drop is None:
+        raise ToolkitError("--stop-on-source-drop needs --max-source-drop")
+    return names, drop, stop
+
+
 @dataclass(frozen=True)
 class RunPlan:
     """One training run, settled and checked by :func:`prepare_run` before any compute: every value the trainer
@@ -219,6 +243,10 @@ class RunPlan:
     sample_ratio: float = 1.0
     network_options: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))  # --version-*/net_*
     count_flops: bool = False
+    # forgetting: --source-targets (implies eval_pretrained), --max-source-drop, --stop-on-source-drop
+    source_targets: Tuple[str, ...] = ()
+    max_source_drop: Optional[float] = None
+    stop_on_source_drop: bool = False
 
     @property
     def loss_cfg(self):
@@ -276,6 +304,7 @@ def prepare_run(cfg) -> RunPlan:
         raise ToolkitError(f"--dataset {cfg.dataset}: the configuration says num_classes={cfg.num_classes} but "
                            f"{os.path.join(data_dir, 'property')} says {num_classes}")
     targets = _resolve_targets(cfg, data_dir)
+    source_targets, max_source_drop, stop_on_source_drop = _source_watch(cfg, targets)
     stages = parse_stages(int(cfg.get("freeze_steps") or 0), cfg.get("stages"), cfg.get("head_lr_mult"))
     lr_steps = _scale_lr_steps(_parse_lr_steps(cfg.lr_steps), cfg.get("lr_steps_batch"),
                                int(cfg.per_batch_size) * len(ctx))
@@ -320,13 +349,15 @@ def prepare_run(cfg) -> RunPlan:
         backbone_lr_mult=float(cfg.backbone_lr_mult), bn_wd=bool(cfg.get("bn_wd")), fc7_name=cfg.fc7_name,
         reset_fc7=bool(cfg.get("reset_fc7")), allow_missing=bool(cfg.get("allow_missing")), fc7_init=cfg.fc7_init,
         frozen_stages=int(cfg.get("frozen_stages") or 0), bn_mode=cfg.get("bn_mode") or "train",
-        eval_pretrained=bool(cfg.get("eval_pretrained")), data_rand_mirror=bool(cfg.get("data_rand_mirror")),
+        eval_pretrained=bool(cfg.get("eval_pretrained")) or bool(source_targets),
+        data_rand_mirror=bool(cfg.get("data_rand_mirror")),
         data_cutoff=int(cfg.get("data_cutoff") or 0), data_color=float(cfg.get("data_color") or 0),
         data_images_filter=int(cfg.get("data_images_filter") or 0), num_workers=int(cfg.num_workers),
         seed=int(cfg.get("seed") or 0), frequent=int(cfg.frequent), verbose=int(cfg.verbose), ckpt=int(cfg.ckpt),
         ckpt_embedding=bool(int(cfg.ckpt_embedding)), keep=int(cfg.get("keep") or 0),
         sample_ratio=float(cfg.get("sample_ratio") or 1.0), network_options=MappingProxyType(net_options),
-        count_flops=bool(cfg.get("count_flops")))
+        count_flops=bool(cfg.get("count_flops")), source_targets=source_targets,
+        max_source_drop=max_source_drop, stop_on_source_drop=stop_on_source_drop)
 
 
 def lr_at(step: int, base_lr: float, lr_steps: List[int], warmup_steps: int = 0) -> float:

@@ -138,6 +138,9 @@ default.backbone_lr_mult = 1.0
 default.bn_mode = "train"
 default.bn_wd = False
 default.eval_pretrained = False
+default.source_targets = None  # comma list of --target names whose pretrained accuracy is watched ('kept')
+default.max_source_drop = None
+default.stop_on_source_drop = False
 # triplet refinement with offline mining (recognition.triplet_mining) and distillation (recognition.distill)
 default.mining_interval = 0
 default.bag_identities = 20

@@ -24,11 +24,23 @@ from typing import Dict, Optional
 import mxnet as mx
 import numpy as np
 
+from recognition.backbones import convert_prelu, fill_unit_aux, get_symbol
+from recognition.backbones.fast_prelu import count_prelu
 from recognition.checkpoints import CheckpointPolicy, prune_checkpoints, save_model, synced_params
-from recognition.common import ToolkitError, atomic_write, remove_stale_temps, setup_logging, symbol_graph
+from recognition.common import (
+    ToolkitError,
+    atomic_write,
+    remove_stale_temps,
+    save_params_atomic,
+    setup_logging,
+    symbol_graph,
+)
+from recognition.freeze import param_multipliers, stage_at, stage_plan, stage_symbol, stage_table_for
+from recognition.image_iter import FaceImageIter
 from recognition.launch import DIST_KVSTORES, worker_exit_on_error, worker_kvstore
-from recognition.metrics_log import MetricsLog, Window
+from recognition.metrics_log import MetricsLog, Window, read_metrics
 from recognition.objectives import DataSpec
+from recognition.pretrained import imprint_fc7, load_pretrained
 from recognition.resume_state import (
     StopFlag,
     get_optimizer_states,
@@ -39,6 +51,7 @@ from recognition.resume_state import (
 )
 from recognition.run_plan import RunPlan, lr_at, prepare_run  # noqa: F401  (re-exported)
 from recognition.train_verifier import Verifier
+from recognition.verification import Embedder
 
 logger = logging.getLogger("recognition")
 
@@ -129,14 +142,10 @@ class Trainer:
         if plan.resume:
             self.embedding_symbol, self.arg_params, self.aux_params, self.opt_states = \
                 load_resume_arrays(plan.resume)
-            from recognition.backbones import convert_prelu
-
             # a stock graph (older resume state) trains in the configured formulation, not the slow one
             self.embedding_symbol = convert_prelu(self.embedding_symbol, plan.prelu,
                                                   (1,) + plan.data_shape)
         elif plan.pretrained:
-            from recognition.pretrained import load_pretrained
-
             pre = load_pretrained(plan.pretrained, network=plan.network if plan.network_explicit else None,
                                   emb_size=plan.emb_size, num_classes=plan.num_classes,
                                   fc7_name=self.fc7_name, reset_fc7=plan.reset_fc7,
@@ -149,8 +158,6 @@ class Trainer:
             self.arg_params.update(pre.fc7)
             self.aux_params = dict(pre.aux_params)
         else:
-            from recognition.backbones import get_symbol
-
             self.embedding_symbol = get_symbol(plan.network, emb_size=plan.emb_size,
                                                prelu=plan.prelu, **plan.network_options)
         if plan.count_flops:  # insightface's config.count_flops: logged at train start
@@ -160,17 +167,11 @@ class Trainer:
         self.train_symbol, self.head_info = plan.objective.build_symbol(self.embedding_symbol, plan.num_classes,
                                                                         self.fc7_name)
         if self.arg_params or self.aux_params:  # prelu='bn': its constant unit states are never loaded, only filled
-            from recognition.backbones import fill_unit_aux
-
             self.aux_params = fill_unit_aux(self.embedding_symbol, self.aux_params)
-        from recognition.backbones.fast_prelu import count_prelu
-
         layers = count_prelu(self.embedding_symbol)
         if layers["bn"] or layers["stock"]:
             logger.info("PReLU layers: %d bn, %d stock (prelu=%s)", layers["bn"], layers["stock"], plan.prelu)
         self._random_graph = _has_random_ops(self.train_symbol)
-        from recognition.freeze import stage_table_for
-
         self.stage_table = stage_table_for(plan.graph_network, self.embedding_symbol.list_arguments())
 
     def _build_data(self) -> None:
@@ -199,8 +200,6 @@ class Trainer:
 
     def _make_module(self, stage_idx: int, arg: dict, aux: dict):
         """Bind a Module for stage ``stage_idx``: its fixed parameters, frozen BatchNorms and multipliers."""
-        from recognition.freeze import param_multipliers, stage_plan, stage_symbol
-
         plan = self.plan
         stage = self.plan.stages[stage_idx]
         fixed, frozen_bn = stage_plan(self.train_symbol, stage, self.stage_table, plan.frozen_stages,
@@ -265,10 +264,6 @@ class Trainer:
         weight = f"{self.fc7_name}_weight"
         if self.plan.fc7_init != "imprint" or weight in self.arg_params or weight not in self.head_info["fc7_params"]:
             return
-        from recognition.image_iter import FaceImageIter
-        from recognition.pretrained import imprint_fc7
-        from recognition.verification import Embedder
-
         arg, aux = synced_params(self.module)
         embed = Embedder(self.embedding_symbol, arg, aux, ctx=self.ctx[0], batch_size=self.plan.per_batch_size,
                          data_shape=self.plan.data_shape)
@@ -287,8 +282,6 @@ class Trainer:
 
     def embedder(self):
         """Hook: an ``Embedder`` of the current parameters, (N, 3, H, W) float32 -> (N, E) ``fc1_output``."""
-        from recognition.verification import Embedder
-
         arg, aux = self.module.get_params()
         return Embedder(self.embedding_symbol, arg, aux, ctx=self.ctx[0],
                         batch_size=min(64, self.plan.per_batch_size), data_shape=self.plan.data_shape)
@@ -336,7 +329,27 @@ class Trainer:
             logger.info("[%s][%d]Accuracy-Flip: %1.5f+-%1.5f", name, self.step, r["acc"], r["std"])
             self.metrics.write("verify", step=self.step, target=name, acc=float(r["acc"]), std=float(r["std"]),
                                xnorm=float(r["xnorm"]))
+        self._watch_source(results)
         return results
+
+    def _watch_source(self, results: Dict[str, dict]) -> None:
+        """``--source-targets``: log how much of the pretrained accuracy each source target keeps; past
+        ``--max-source-drop`` warn (and with ``--stop-on-source-drop`` stop gracefully after this round)."""
+        plan = self.plan
+        for name in plan.source_targets:
+            if name not in results or name not in self.before:  # the round before training sets ``before``
+                continue
+            before, acc = self.before[name], float(results[name]["acc"])
+            change = acc - before
+            self.metrics.write("kept", step=self.step, target=name, before=before, acc=acc, change=change)
+            if plan.max_source_drop is None or -change <= plan.max_source_drop:
+                continue
+            logger.warning("[%s][%d] source target fell %.5f below the pretrained model (%.5f -> %.5f; "
+                           "--max-source-drop %g)%s", name, self.step, -change, before, acc, plan.max_source_drop,
+                           "; stopping" if plan.stop_on_source_drop else "")
+            self.metrics.write("source_drop", step=self.step, target=name, before=before, acc=acc, change=change)
+            if plan.stop_on_source_drop:
+                self._stop.request(f"--max-source-drop ({name} {change:+.5f})")
 
     def _meta(self) -> dict:
         return dict(fc7_name=self.fc7_name, num_classes=self.plan.num_classes, loss=self.plan.loss,
@@ -420,8 +433,6 @@ class Trainer:
                     run_dir=self.run_dir, seconds=time.time() - t0, stopped=self._stop.name)
 
     def _fit(self) -> dict:
-        from recognition.freeze import stage_at
-
         plan = self.plan
         self.stage_idx = stage_at(plan.stages, self.step)[0]
         self.module, self.opt = self._make_module(self.stage_idx, self.arg_params, self.aux_params)
@@ -491,8 +502,6 @@ class Trainer:
                     prefix=plan.prefix, run_dir=self.run_dir, seconds=time.time() - t0)
 
     def _last_results(self) -> Dict[str, float]:
-        from recognition.metrics_log import read_metrics
-
         return {r["target"]: r["acc"] for r in read_metrics(self.metrics.path, "verify") if r["step"] == self.step}
 
 
@@ -521,8 +530,6 @@ def run_training(cfg) -> dict:
         trainer = Trainer(cfg, plan)
         summary = trainer.fit()
         if os.environ.get("IFR_DIST_DUMP"):
-            from recognition.common import save_params_atomic
-
             arg, aux = synced_params(trainer.module)
             blob = {"arg:" + k: v for k, v in arg.items()}
             blob.update({"aux:" + k: v for k, v in aux.items()})

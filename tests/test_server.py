@@ -1,9 +1,13 @@
-"""Face registry service: real HTTP on 127.0.0.1 (urllib) against a tiny random-init checkpoint and synthetic faces."""
+"""Face registry service: real HTTP on 127.0.0.1 (urllib) against a tiny random-init checkpoint and synthetic faces.
+
+Hostile requests and files are in tests/test_hostile.py; the gallery's own checks in tests/test_gallery.py.
+"""
 import base64
 import json
 import threading
 import urllib.error
 import urllib.request
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -13,6 +17,8 @@ from datasets.synth import render_identity
 from deploy.face_model import FaceModel, decode_image
 from deploy.server import make_server
 from recognition.common import ToolkitError, save_checkpoint
+
+KEY = "test-key-0123456789"
 
 
 @pytest.fixture(scope="module")
@@ -46,18 +52,22 @@ def faces():
 
 
 class Running:
-    """A server on an ephemeral port served from a thread; ``call(method, path, body)`` -> (status, json)."""
+    """A started service on an ephemeral port; ``call(method, path, body)`` -> (status, json)."""
 
-    def __init__(self, model, db, threshold=0.3, **kw):
-        self.server = make_server(model, db, "127.0.0.1", 0, threshold, **kw)
-        self.url = "http://127.0.0.1:%d" % self.server.server_address[1]
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
+    def __init__(self, model, db, key=KEY, **kw):
+        self.service = make_server(model, db, "127.0.0.1", 0, api_key=key, insecure_no_auth=key is None,
+                                   **kw).start()
+        self.url, self.key = self.service.url, key
 
-    def call(self, method, path, body=None, raw=None):
+    def call(self, method, path, body=None, raw=None, headers=None, files=None, fields=None):
+        h = {"Content-Type": "application/json"}
+        if self.key:
+            h["X-API-Key"] = self.key
         data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-        req = urllib.request.Request(self.url + path, data=data, method=method,
-                                     headers={"Content-Type": "application/json"})
+        if files is not None or fields is not None:
+            data, h["Content-Type"] = multipart(fields or {}, files or [])
+        h.update(headers or {})
+        req = urllib.request.Request(self.url + path, data=data, method=method, headers=h)
         try:
             with urllib.request.urlopen(req, timeout=60) as resp:
                 return resp.status, json.loads(resp.read())
@@ -65,9 +75,19 @@ class Running:
             return err.code, json.loads(err.read())
 
     def stop(self):
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(5)
+        self.service.stop()
+
+
+def multipart(fields, files):
+    """(body, content type) of a multipart/form-data request; ``files`` = [(field, filename, bytes)]."""
+    boundary = uuid.uuid4().hex
+    parts = []
+    for k, v in fields.items():
+        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode())
+    for field, filename, raw in files:
+        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"; filename="{filename}"\r\n'
+                     f"Content-Type: application/octet-stream\r\n\r\n".encode() + raw + b"\r\n")
+    return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
 
 
 @pytest.fixture
@@ -108,9 +128,23 @@ def test_register_detect_delete_list(running, model, faces):
 
     assert running.call("POST", "/deleteFace", {"name": "alice"}) == (200, {"name": "alice", "deleted": 2})
     assert running.call("GET", "/faces")[1]["faces"] == [{"name": "bob", "count": 1}]
-    st, out = running.call("GET", "/health")
-    assert st == 200 and out["status"] == "ok" and out["embeddings"] == 1
-    assert out["embedding_size"] == model.embedding_size
+    st, out = running.call("GET", "/health", headers={"X-API-Key": ""})  # open without a key
+    assert st == 200 and out["status"] == "ok" and out["embedding_size"] == model.embedding_size
+
+
+def test_multipart_uploads_equal_json(running, model, faces):
+    """The same images as multipart files and as base64 JSON give the same stored embeddings and scores."""
+    files = [("images", f"{i}.jpg", j) for i, j in enumerate(faces["p0"][:2])]
+    st, out = running.call("POST", "/registerFace", fields={"name": "carol"}, files=files)
+    assert (st, out) == (200, {"name": "carol", "added": 2, "count": 2})
+    probe = faces["p0"][2]
+    expected = max(float(np.dot(feature(model, probe), feature(model, j))) for j in faces["p0"][:2])
+    st, up = running.call("POST", "/detectFace", files=[("image", "q.jpg", probe)])
+    st2, js = running.call("POST", "/detectFace", {"image": b64(probe)})
+    assert st == st2 == 200 and up == js and up["candidate"] == "carol"
+    assert up["score"] == pytest.approx(expected, abs=1e-5)
+    st, out = running.call("POST", "/detectFace", files=[("image", "q.jpg", b"not an image")])
+    assert st == 400 and "image" in out["error"] and "decode" in out["error"]
 
 
 def test_threshold_unknown(model, faces, tmp_path):
@@ -135,38 +169,39 @@ def test_threshold_unknown(model, faces, tmp_path):
 
 
 def test_bad_requests(running, faces):
-    # not decodable
     st, out = running.call("POST", "/registerFace", {"name": "x", "images": [b64(b"not an image at all")]})
     assert st == 400 and "images[0]" in out["error"] and "decode" in out["error"]
     st, out = running.call("POST", "/detectFace", {"image": "%%%not base64"})
     assert st == 400 and "base64" in out["error"]
-    # wrong size without --resize: nothing stored, even for the good image before it
     import cv2
 
     small = cv2.imencode(".png", np.zeros((50, 40, 3), np.uint8))[1].tobytes()
     st, out = running.call("POST", "/registerFace", {"name": "x", "images": [b64(faces["p0"][0]), b64(small)]})
     assert st == 400 and "images[1]" in out["error"] and "40x50" in out["error"]
-    assert running.call("GET", "/faces")[1]["total"] == 0
-    # unknown name, bad JSON, missing fields, unknown endpoint, wrong method
+    assert running.call("GET", "/faces")[1]["total"] == 0  # nothing stored, even the good image before it
     st, out = running.call("POST", "/deleteFace", {"name": "nobody"})
     assert st == 404 and "nobody" in out["error"]
-    assert running.call("POST", "/detectFace", raw=b"{bad json")[0] == 400
-    assert running.call("POST", "/registerFace", {"images": [b64(faces["p0"][0])]})[0] == 400
-    assert running.call("POST", "/registerFace", {"name": "x", "images": []})[0] == 400
-    assert running.call("GET", "/nope")[0] == 404
-    assert running.call("GET", "/registerFace")[0] == 405
+    st, out = running.call("POST", "/detectFace", raw=b"{bad json")
+    assert st == 400 and "not valid JSON" in out["error"]
+    st, out = running.call("POST", "/registerFace", {"images": [b64(faces["p0"][0])]})
+    assert st == 422 and out["error"] == "name: Field required"
+    st, out = running.call("POST", "/registerFace", {"name": "x", "images": [3]})
+    assert st == 422 and out["error"].startswith("images.0:")
+    assert running.call("POST", "/registerFace", {"name": "x", "images": []})[0] == 422
+    assert running.call("POST", "/detectFace", raw=b"[1, 2]") == (422, {"error": "body: expected a JSON object"})
+    assert running.call("GET", "/nope") == (404, {"error": "/nope: no such endpoint"})
+    assert running.call("GET", "/registerFace") == (405, {"error": "GET /registerFace: method not allowed"})
 
 
-def test_oversized_body_refused(model, faces, tmp_path):
-    srv = Running(model, str(tmp_path / "g.sqlite"), max_body=1000)
-    try:
-        st, out = srv.call("POST", "/registerFace", {"name": "big", "images": [b64(faces["p0"][0])]})
-        assert st == 413 and "1000" in out["error"]
-        st, out = srv.call("POST", "/detectFace", {"image": "A" * 3_000_000})  # the client sends it all
-        assert st == 413 and "3000013 bytes" in out["error"]
-        assert srv.call("GET", "/health")[0] == 200  # still serving
-    finally:
-        srv.stop()
+def test_openapi_documents_the_endpoints(running):
+    with urllib.request.urlopen(running.url + "/openapi.json", timeout=30) as resp:
+        spec = json.loads(resp.read())
+    assert {"/registerFace", "/detectFace", "/deleteFace", "/faces", "/health"} <= set(spec["paths"])
+    body = spec["paths"]["/registerFace"]["post"]["requestBody"]["content"]
+    assert {"application/json", "multipart/form-data"} <= set(body)
+    assert "APIKeyHeader" in spec["components"]["securitySchemes"]
+    with urllib.request.urlopen(running.url + "/docs", timeout=30) as resp:
+        assert resp.status == 200 and b"swagger" in resp.read().lower()
 
 
 def test_concurrent_requests_and_restart_keeps_gallery(model, faces, tmp_path):
@@ -184,7 +219,6 @@ def test_concurrent_requests_and_restart_keeps_gallery(model, faces, tmp_path):
         with ThreadPoolExecutor(6) as pool:
             results = list(pool.map(work, jobs))
         assert all(st == 200 and st2 == 200 for st, st2, _ in results)
-        # the image itself was registered before its own detection: it scores 1 against its name or a twin
         assert all(out["score"] == pytest.approx(1.0, abs=1e-5) for _, _, out in results)
         listing = srv.call("GET", "/faces")[1]
         assert listing == {"faces": [{"name": n, "count": 3} for n in sorted(faces)], "total": 9}
@@ -199,39 +233,52 @@ def test_concurrent_requests_and_restart_keeps_gallery(model, faces, tmp_path):
         srv.stop()
 
 
-def test_db_of_another_model_refused(model, tmp_path):
-    from deploy.server import FaceGallery
+def test_startup_refusals_are_one_line(model, tmp_path):
+    from deploy.gallery import FaceGallery
 
     db = str(tmp_path / "g.sqlite")
     g = FaceGallery(db)
-    g.add("x", np.ones((1, model.embedding_size + 1), np.float32))
+    wide = np.ones((1, model.embedding_size + 1), np.float32)
+    g.add("x", wide / np.linalg.norm(wide))
     g.close()
     with pytest.raises(ToolkitError, match="--db .*%d-d embeddings but the model gives %d-d"
                        % (model.embedding_size + 1, model.embedding_size)):
-        make_server(model, db, "127.0.0.1", 0)
-    with pytest.raises(ToolkitError, match="--threshold"):
-        make_server(model, str(tmp_path / "h.sqlite"), "127.0.0.1", 0, threshold=3)
+        make_server(model, db, "127.0.0.1", 0, api_key=KEY)
+    other = str(tmp_path / "h.sqlite")
+    for kw, msg in (({"api_key": KEY, "threshold": 3}, "--threshold 3"),
+                    ({"api_key": KEY, "max_images": 0}, "--max-images 0: must be > 0"),
+                    ({}, "no API key: pass --api-key KEY or set IFR_API_KEY"),
+                    ({"api_key": "short"}, "--api-key: too short")):
+        with pytest.raises(ToolkitError, match=msg):
+            make_server(model, other, "127.0.0.1", 0, **kw)
+    with pytest.raises(ToolkitError, match="--insecure-no-auth: only allowed on a loopback --host"):
+        make_server(model, other, "0.0.0.0", 0, insecure_no_auth=True)
     import socket
 
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen(1)
         with pytest.raises(ToolkitError, match="--port %d: cannot listen" % busy.getsockname()[1]):
-            make_server(model, str(tmp_path / "h.sqlite"), "127.0.0.1", busy.getsockname()[1])
+            make_server(model, other, "127.0.0.1", busy.getsockname()[1], api_key=KEY).start(timeout=10)
 
 
-def test_cli_serves_and_reports_bad_model(model, tiny_ckpt, tmp_path):
-    """``python -m deploy.server`` end to end: listens, answers /health; a missing checkpoint is one line, exit 2."""
+def test_cli_serves_and_reports_bad_input(model, tiny_ckpt, tmp_path):
+    """``python -m deploy.server`` end to end: listens, answers with the key from the environment; a missing
+    checkpoint or a missing key is one line, exit 2."""
+    import os
     import re
     import subprocess
     import sys
 
-    bad = subprocess.run([sys.executable, "-m", "deploy.server", "--model", str(tmp_path / "none") + ",0",
-                          "--db", str(tmp_path / "g.sqlite")], capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: --model: checkpoint file")
-    proc = subprocess.Popen([sys.executable, "-m", "deploy.server", "--model", tiny_ckpt + ",0",
-                             "--db", str(tmp_path / "g.sqlite"), "--port", "0", "--no-flip"],
-                            stderr=subprocess.PIPE, text=True)
+    env = {k: v for k, v in os.environ.items() if k != "IFR_API_KEY"}
+    base = [sys.executable, "-m", "deploy.server", "--db", str(tmp_path / "g.sqlite"), "--port", "0", "--no-flip"]
+    for extra, msg in (([], "error: no API key"), (["--model", str(tmp_path / "none") + ",0"],
+                                                     "error: --model: checkpoint file")):
+        bad = subprocess.run(base + (extra or ["--model", tiny_ckpt + ",0"]), capture_output=True, text=True,
+                             timeout=120, env=dict(env, IFR_API_KEY=KEY) if extra else env)
+        assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith(msg), bad.stderr
+    proc = subprocess.Popen(base + ["--model", tiny_ckpt + ",0"], stderr=subprocess.PIPE, text=True,
+                            env=dict(env, IFR_API_KEY=KEY))
     try:
         port = None
         for line in proc.stderr:
@@ -240,33 +287,43 @@ def test_cli_serves_and_reports_bad_model(model, tiny_ckpt, tmp_path):
                 port = int(m.group(1))
                 break
         assert port, "server did not report its port"
-        with urllib.request.urlopen("http://127.0.0.1:%d/health" % port, timeout=30) as resp:
-            health = json.loads(resp.read())
-        assert health["status"] == "ok" and health["embedding_size"] == model.embedding_size
+        url = "http://127.0.0.1:%d/faces" % port
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(url, timeout=30)
+        assert err.value.code == 401
+        with urllib.request.urlopen(urllib.request.Request(url, headers={"X-API-Key": KEY}), timeout=30) as resp:
+            assert json.loads(resp.read()) == {"faces": [], "total": 0}
     finally:
         proc.terminate()
         proc.wait(30)
 
 
-def test_fixed_handler_pool_and_idle_keepalive_timeout(model, tmp_path):
-    """Requests run on at most ``threads`` handler threads (a thread per request grew RSS, see server.py); an
-    idle keep-alive connection holding the only thread is closed after ``idle_timeout``, so others get served."""
-    import socket
+def test_inference_runs_off_the_event_loop(model, tmp_path):
+    """While the inference thread is busy, /health still answers at once (it never waits for the model)."""
+    gate = threading.Event()
 
-    srv = Running(model, str(tmp_path / "pool.sqlite"), threads=1, idle_timeout=0.5)
+    class Blocking:
+        embedding_size, image_size, resize = model.embedding_size, model.image_size, False
+
+        def get_features(self, faces):
+            gate.wait(30)
+            return model.get_features(faces)
+
+    srv = Running(Blocking(), str(tmp_path / "b.sqlite"))
+    import cv2
+
+    img = b64(cv2.imencode(".png", np.zeros((112, 112, 3), np.uint8))[1].tobytes())
     try:
-        for _ in range(30):
-            assert srv.call("GET", "/health")[0] == 200
-        assert len(srv.server._pool._threads) == 1  # every request on the one pool thread
-        host, port = srv.server.server_address[:2]
-        with socket.create_connection((host, port)) as idle:  # connects, sends nothing: occupies the thread
-            idle.settimeout(10)
-            st, out = srv.call("GET", "/health")  # waits in the queue until the idle connection times out
-            assert st == 200 and out["status"] == "ok"
-            assert idle.recv(1) == b""  # the server closed the idle connection
+        with ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(srv.call, "POST", "/detectFace", {"image": img})
+            for _ in range(100):  # the job is on the inference thread now
+                if srv.call("GET", "/health")[1]["queue"] == 1:
+                    break
+                threading.Event().wait(0.05)
+            st, out = srv.call("GET", "/health")
+            assert st == 200 and out["queue"] == 1 and not pending.done()
+            gate.set()
+            assert pending.result(60)[0] == 200
     finally:
+        gate.set()
         srv.stop()
-    for kw, msg in (({"threads": 0}, r"--threads 0: must be >= 1"),
-                    ({"idle_timeout": 0}, r"--idle-timeout 0: must be > 0 seconds")):
-        with pytest.raises(ToolkitError, match=msg):
-            make_server(model, str(tmp_path / "bad.sqlite"), "127.0.0.1", 0, **kw)

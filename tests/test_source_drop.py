@@ -1,0 +1,81 @@
+"""Forgetting made visible: --source-targets logs what a fine-tune keeps of the pretrained accuracy, --max-source-drop
+warns past a margin and --stop-on-source-drop stops there (a stand-in verifier gives known accuracies)."""
+import os
+
+import pytest
+from test_train import base_args, run_dir_of  # noqa: E402 (tests/ is on sys.path under pytest)
+
+from recognition import train
+from recognition.common import run_cli
+from recognition.metrics_log import read_metrics
+from recognition.trainer import Trainer, prepare_run
+
+
+class ScriptedVerifier:
+    """Returns the accuracies of ``accs`` in turn for target ``synth_val`` (round 0 = the pretrained model)."""
+
+    def __init__(self, accs):
+        self.accs, self.calls = list(accs), 0
+
+    def __bool__(self):
+        return True
+
+    def __call__(self, symbol, arg, aux):
+        acc = self.accs[min(self.calls, len(self.accs) - 1)]
+        self.calls += 1
+        return {"synth_val": {"acc": acc, "std": 0.01, "xnorm": 1.0}}
+
+
+@pytest.fixture(scope="module")
+def pretrained(tiny_data, tmp_path_factory):
+    root = tmp_path_factory.mktemp("pre")
+    assert run_cli(train.main, base_args(tiny_data, root, "--ckpt", "0", steps=1)) == 0
+    return os.path.join(run_dir_of(tiny_data, root), "model") + ",1"
+
+
+def _trainer(tiny_data, root, pretrained, *extra):
+    argv = base_args(tiny_data, root, "--pretrained", pretrained, "--verbose", "1", "--ckpt", "2", *extra, steps=4)
+    cfg = train.config_from_args(train.build_argparser().parse_args(argv))
+    return Trainer(cfg, prepare_run(cfg))
+
+
+def test_kept_records_warning_and_stop(tiny_data, tmp_path, pretrained, caplog):
+    accs = [0.90, 0.899, 0.88, 0.87, 0.86]
+    t = _trainer(tiny_data, tmp_path / "a", pretrained, "--source-targets", "synth_val", "--max-source-drop", "0.005",
+                 "--stop-on-source-drop")
+    assert t.plan.eval_pretrained  # implied by --source-targets
+    t.verifier = ScriptedVerifier(accs)
+    summary = t.fit()
+    # round 1 (step 1) keeps 0.899 (-0.001, within 0.005); round 2 (step 2) falls 0.02: warn and stop there
+    kept = read_metrics(os.path.join(summary["run_dir"], "metrics.jsonl"), "kept")
+    assert [(r["step"], r["before"], r["acc"]) for r in kept] == [(1, 0.90, 0.899), (2, 0.90, 0.88)]
+    assert [r["change"] for r in kept] == pytest.approx([0.899 - 0.90, 0.88 - 0.90])
+    drops = read_metrics(os.path.join(summary["run_dir"], "metrics.jsonl"), "source_drop")
+    assert [r["step"] for r in drops] == [2]
+    assert summary["step"] == 2 and "--max-source-drop (synth_val -0.02000)" in summary["stopped"]
+    assert os.path.isfile(os.path.join(summary["run_dir"], "resume", "state.json"))
+    assert any("source target fell 0.02000 below" in r.getMessage() for r in caplog.records)
+    assert os.path.isfile(os.path.join(summary["run_dir"], "curves.png"))
+
+
+def test_without_stop_the_run_continues_and_warns_each_round(tiny_data, tmp_path, pretrained):
+    t = _trainer(tiny_data, tmp_path / "b", pretrained, "--source-targets", "synth_val", "--max-source-drop", "0.01")
+    t.verifier = ScriptedVerifier([0.90, 0.899, 0.88, 0.87, 0.91])
+    summary = t.fit()
+    assert summary["step"] == 4 and "stopped" not in summary
+    log = os.path.join(summary["run_dir"], "metrics.jsonl")
+    assert [r["step"] for r in read_metrics(log, "source_drop")] == [2, 3]  # 0.02 and 0.03 past 0.01; 0.91 gains
+    assert [r["step"] for r in read_metrics(log, "kept")] == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--source-targets", "lfw"], "--source-targets lfw: not among the verification targets (synth_val)"),
+    (["--source-targets", "synth_val", "--max-source-drop", "2"], "--max-source-drop 2.0: an accuracy fraction"),
+    (["--max-source-drop", "0.01"], "--max-source-drop needs --source-targets"),
+    (["--source-targets", "synth_val", "--stop-on-source-drop"], "--stop-on-source-drop needs --max-source-drop"),
+])
+def test_bad_source_flags_are_one_line(tiny_data, tmp_path, capsys, extra, message):
+    assert run_cli(train.main, base_args(tiny_data, tmp_path, *extra)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not os.path.exists(run_dir_of(tiny_data, tmp_path))  # nothing written
