@@ -34,6 +34,15 @@ SOFTMAX_NET_DEFAULTS = {"net_output": "E", "net_se": 0, "net_input": 1, "net_uni
 # lr steps without --lr-steps: for a global batch of 512, scaled by 512 / batch (types 1..7: the margin losses)
 SOFTMAX_LR_STEPS = ("40000,60000,80000", "100000,140000,160000")
 _NOT_INSIGHTFACE_NETS = ("tiny",)
+# the builders insightface's train_softmax.py passes its --version-* flags to
+_SOFTMAX_FAMILIES = ("fresnet", "fmobilefacenet", "fmobilenet")
+
+
+def _family(network) -> str:
+    from recognition.backbones import NETWORKS
+
+    spec = NETWORKS.get(network)
+    return spec.family if spec else ""
 
 
 def softmax_config(argv: Optional[Sequence[str]] = None):
@@ -59,7 +68,7 @@ def softmax_config(argv: Optional[Sequence[str]] = None):
             loss_type = 4 if args.loss_type is None else args.loss_type
             defaults["lr_steps"] = SOFTMAX_LR_STEPS[1 if 1 <= loss_type <= 7 else 0]
             defaults["lr_steps_batch"] = 512
-        if not explicit.get("pretrained"):
+        if not explicit.get("pretrained") and _family(network) in _SOFTMAX_FAMILIES:
             defaults.update({k: v for k, v in SOFTMAX_NET_DEFAULTS.items() if k not in explicit})
     return config_from_args(args, explicit, defaults)
 

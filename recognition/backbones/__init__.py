@@ -111,6 +111,8 @@ _FAMILY_OPTIONS = {
     "fmobilenet": {"net_output": "head", "net_multiplier": "multiplier", "net_act": "act_type", "bn_mom": "bn_mom"},
     "vargfacenet": {"bn_mom": "bn_mom"},
 }
+# a family's own value of a key it has no option for, where it differs from insightface's default
+_FAMILY_FIXED = {"vargfacenet": {"net_output": "J"}, "gluon": {"net_output": "E"}}
 # what each family builds for a key it maps (anything else is one line listing these)
 _SUPPORTED = {"net_unit": (1, 2, 3), "net_se": (0, 1), "net_input": (0, 1),
               "net_act": ("prelu", "relu", "sigmoid", "tanh", "softrelu")}
@@ -141,7 +143,8 @@ def network_options(name: str, keys: dict) -> dict:
             check_head(str(value))
         if key in mapping:
             out[mapping[key]] = list(value) if key == "net_blocks" else value
-        elif value != NET_KEYS[key] and not (key == "net_blocks" and family != "fmobilefacenet"):
+        elif value != _FAMILY_FIXED.get(family, {}).get(key, NET_KEYS[key]) and \
+                not (key == "net_blocks" and family != "fmobilefacenet"):
             raise ToolkitError(f"--network {name}: {key}={value!r} has no meaning for {family} networks; "
                                f"it takes {', '.join(sorted(mapping)) or 'none of the net_* keys'}")
     return out
