@@ -150,7 +150,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not sets:
         raise ToolkitError(f"--data-dir {req.data_dir or '.'}: none of the targets "
                            f"{', '.join(n for n, _, _ in req.targets)} exists there")
-    ctx = parse_ctx(req.ctx or None)
+    try:
+        ctx = parse_ctx(req.ctx or None)
+    except ToolkitError as exc:
+        if not req.ctx:
+            raise
+        raise ToolkitError(f"--gpu {req.ctx.split(':')[1]}: {exc}; omit --gpu to use CUDA_VISIBLE_DEVICES or the "
+                           "CPU") from None
     print(f"model number {len(epochs)}")
     nets = [(e, Embedder.from_checkpoint(prefix, e, ctx, req.batch_size, (3,) + req.image_size)) for e in epochs]
     data = [(name, read_bin(path, req.image_size)) for name, path in sets]

@@ -210,3 +210,14 @@ def test_insightface_verification_call_prints_its_lines(tiny_data, tmp_path, cap
         emb, same = pickle.load(f)
     want = test_bin(([images], issame), Embedder.from_checkpoint(prefix, 1, batch_size=32), 32)["embeddings"]
     assert np.allclose(emb, want, atol=1e-5) and list(same) == list(issame)
+
+
+def test_gpu_flag_names_itself_when_no_gpu_is_visible(tiny_data, tmp_path):
+    from recognition.verification_compat import main
+
+    if mx.context.num_gpus() > 0:
+        pytest.skip("a GPU is visible")
+    prefix = _tiny_checkpoints(str(tmp_path), (1,))
+    d = os.path.dirname(tiny_data["rec"])
+    with pytest.raises(ToolkitError, match=r"^--gpu 3: .*omit --gpu to use CUDA_VISIBLE_DEVICES or the CPU$"):
+        main(["--data-dir", d, "--model", prefix + ",1", "--target", "synth_val", "--gpu", "3"])
