@@ -117,6 +117,29 @@ def _network_options(cfg, pretrained: Optional[str], resume) -> dict:
     return network_options(cfg.network, keys)
 
 
+def _check_input_size(cfg, image_size: Tuple[int, int], net_options: dict, from_scratch: bool) -> None:
+    """``--image-size``: square (as insightface asserts), and one the network's graph can take (a 7x7 GDC head
+    needs 112x112); one line instead of an MXNet shape error at bind time."""
+    if image_size == (112, 112):
+        return
+    if len(image_size) != 2 or image_size[0] != image_size[1] or image_size[0] < 16:
+        raise ToolkitError(f"--image-size {','.join(map(str, image_size))}: must be square H,H with H >= 16 "
+                           "(insightface's default 112,112)")
+    if not from_scratch:
+        return
+    from recognition.backbones import get_symbol
+
+    try:
+        get_symbol(cfg.network, emb_size=cfg.get("emb_size"), prelu="stock", **net_options).infer_shape(
+            data=(1, 3) + tuple(image_size))
+    except ToolkitError:
+        raise
+    except Exception as exc:  # MXNet's shape error: say which flag
+        first = str(exc).strip().splitlines()[0][:160]
+        raise ToolkitError(f"--image-size {image_size[0]},{image_size[1]}: network {cfg.network} cannot take this "
+                           f"input ({first}); use 112,112") from None
+
+
 def _resolve_data_dir(cfg) -> str:
     if cfg.get("data_dir"):
         d = cfg.data_dir
@@ -298,6 +321,7 @@ def prepare_run(cfg) -> RunPlan:
 
         default_emb_size(cfg.network)  # unknown network: one line listing the valid names
     net_options = _network_options(cfg, pretrained, resume)
+    _check_input_size(cfg, image_size, net_options, not (pretrained or resume))
     data_dir = _resolve_data_dir(cfg)
     num_classes = int(read_property(data_dir)[0])
     if cfg.get("num_classes") and int(cfg.num_classes) != num_classes:

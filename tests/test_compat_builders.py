@@ -221,3 +221,15 @@ def test_gpu_flag_names_itself_when_no_gpu_is_visible(tiny_data, tmp_path):
     d = os.path.dirname(tiny_data["rec"])
     with pytest.raises(ToolkitError, match=r"^--gpu 3: .*omit --gpu to use CUDA_VISIBLE_DEVICES or the CPU$"):
         main(["--data-dir", d, "--model", prefix + ",1", "--target", "synth_val", "--gpu", "3"])
+
+
+def test_image_size_the_network_cannot_take_is_one_line(tiny_data):
+    from recognition.run_plan import prepare_run
+    from recognition.train_softmax import softmax_config
+
+    base = ["--data-dir", os.path.dirname(tiny_data["rec"]), "--per-batch-size", "8"]
+    with pytest.raises(ToolkitError, match=r"^--image-size 96,96: network y1 cannot take this input \(.*use 112,112$"):
+        prepare_run(softmax_config(base + ["--network", "y1", "--version-output", "GDC", "--image-size", "96,96"]))
+    with pytest.raises(ToolkitError, match=r"^--image-size 96,112: must be square"):
+        prepare_run(softmax_config(base + ["--network", "tiny", "--image-size", "96,112"]))
+    assert prepare_run(softmax_config(base + ["--network", "tiny", "--image-size", "96,96"])).image_size == (96, 96)
