@@ -62,26 +62,27 @@ def add_legacy_loss_args(parser: argparse.ArgumentParser) -> None:
     s.add_argument("--cutoff", type=int, default=None, help="cutout augmentation size (0: off)")
     s.add_argument("--color", type=int, default=None, help="colour jitter strength (0: off)")
     s.add_argument("--images-filter", type=int, default=None, help="drop identities with fewer images (0: keep all)")
-    for flag, (kind, _, _) in REFUSED_SOFTMAX_FLAGS.items():
+    for flag, (kind, _) in REFUSED_SOFTMAX_FLAGS.items():
         if kind is None:
             s.add_argument(flag, action="store_true", default=None, help="not built here (one-line refusal)")
         else:
             s.add_argument(flag, type=kind, default=None, help="not built here (one-line refusal)")
 
 
-# insightface train_softmax.py flags this toolkit does not build: flag -> (type, nargs, why and what to use)
+# insightface train_softmax.py flags this toolkit does not build: flag -> (type or None for a switch, why and what
+# to use instead)
 REFUSED_SOFTMAX_FLAGS = {
-    "--use-deformable": (int, None, "deformable convolutions are not built here; 0 (insightface's default) is what "
-                                    "runs, drop the flag"),
-    "--ce-loss": (None, 0, "the cross-entropy loss is always computed and logged here (train.log, metrics.jsonl "
-                           "'loss'); drop the flag"),
-    "--margin": (int, None, "insightface's LSoftmax (--loss-type 1) is not built here; use train.py --loss sphereface "
-                            "with --set loss.sphereface.margin_a=M"),
+    "--use-deformable": (int, "deformable convolutions are not built here; 0 (insightface's default) is what "
+                              "runs, drop the flag"),
+    "--ce-loss": (None, "the cross-entropy loss is always computed and logged here (train.log, metrics.jsonl "
+                        "'loss'); drop the flag"),
+    "--margin": (int, "insightface's LSoftmax (--loss-type 1) is not built here; use train.py --loss sphereface "
+                      "with --set loss.sphereface.margin_a=M"),
 }
 for _flag in ("--beta", "--beta-min", "--beta-freeze", "--gamma", "--power", "--scale"):
-    REFUSED_SOFTMAX_FLAGS[_flag] = (float, None, "LSoftmax's lambda annealing (--loss-type 1) is not built here; use "
-                                                 "train.py --loss sphereface with a fixed --set "
-                                                 "loss.sphereface.sphere_lambda=L")
+    REFUSED_SOFTMAX_FLAGS[_flag] = (float, "LSoftmax's lambda annealing (--loss-type 1) is not built here; use "
+                                           "train.py --loss sphereface with a fixed --set "
+                                           "loss.sphereface.sphere_lambda=L")
 # insightface train_softmax.py loss types not built here, with the replacement
 REFUSED_LOSS_TYPES = {
     1: "insightface's LSoftmax (unnormalised, lambda annealed by --beta/--gamma/--power) is not built here; use "
@@ -238,7 +239,7 @@ def legacy_loss_values(args: argparse.Namespace, fill_defaults: bool = False) ->
 
 def softmax_flag_values(args: argparse.Namespace) -> dict:
     """train_softmax.py's structure/data flags as configuration keys; refused flags are one line each."""
-    for flag, (_, _, why) in REFUSED_SOFTMAX_FLAGS.items():
+    for flag, (_, why) in REFUSED_SOFTMAX_FLAGS.items():
         value = getattr(args, flag[2:].replace("-", "_"))
         if value is None or (flag == "--use-deformable" and value == 0):
             continue
