@@ -233,3 +233,18 @@ def test_image_size_the_network_cannot_take_is_one_line(tiny_data):
     with pytest.raises(ToolkitError, match=r"^--image-size 96,112: must be square"):
         prepare_run(softmax_config(base + ["--network", "tiny", "--image-size", "96,112"]))
     assert prepare_run(softmax_config(base + ["--network", "tiny", "--image-size", "96,96"])).image_size == (96, 96)
+
+
+def test_python_m_recognition_verification_takes_insightfaces_call(tiny_data, tmp_path, capsys):
+    from recognition import verification
+    from recognition.common import run_cli
+
+    d = os.path.dirname(tiny_data["rec"])
+    prefix = _tiny_checkpoints(str(tmp_path), (1,))
+    assert run_cli(verification.main, ["--data-dir", d, "--model", prefix, "--target", "synth_val"]) == 0
+    out = capsys.readouterr().out
+    assert "[synth_val]Accuracy-Flip: " in out and "Max of [synth_val] is " in out
+    assert run_cli(verification.main, ["--model", prefix + ",1", "--target", os.path.join(d, "synth_val.bin")]) == 0
+    assert "Max of" not in capsys.readouterr().out  # this toolkit's own call keeps its own report
+    with pytest.raises(SystemExit):
+        verification.main(["--mod", prefix + ",1", "--target", "x.bin"])  # no abbreviations
