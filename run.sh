@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Recipes: bash run.sh NAME  (demo | finetune | mobilefacenet | train | strategies | test)
+# Recipes: bash run.sh NAME  (demo | finetune | mobilefacenet | train | strategies | strategies-real | test)
 # Paths and sizes come from environment variables (shown with their defaults in each recipe).
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -44,11 +44,17 @@ recipe_demo() {
 recipe_finetune() {
   # Two-stage fine-tuning of a pretrained checkpoint on a new rec:
   #   PRETRAINED=../models/model-y1-test2/model,0 DATA_DIR=../datasets/mine bash run.sh finetune
+  # Settings from real faces (README "Which strategy?", benchmarks/strategies_real.py): the imprinted head at 0.1x
+  # the lr, then the backbone at 0.1x with the checkpoint's own BatchNorm statistics (batch statistics shifted the
+  # features at the unfreeze and cost the unshifted pairs 2.2 points; frozen statistics with the backbone at 1x
+  # diverged). BN_MODE=train adapts the statistics to the new domain instead (a truly different domain, more data).
   : "${PRETRAINED:?set PRETRAINED=PREFIX,EPOCH}" "${DATA_DIR:?set DATA_DIR=folder with train.rec/property}"
   local LOSS=${LOSS:-arcface} TARGETS=${TARGETS:-lfw} HEAD=${HEAD_STEPS:-2000} ALL=${ALL_STEPS:-20000}
   $PY recognition/train.py --loss "$LOSS" --data-dir "$DATA_DIR" --target "$TARGETS" \
     --pretrained "$PRETRAINED" ${NETWORK:+--network "$NETWORK"} --fc7-init "${FC7_INIT:-imprint}" \
-    --stages "head:$HEAD,all:$ALL" --lr "${LR:-0.01}" --backbone-lr-mult "${BACKBONE_LR_MULT:-1.0}" \
+    --stages "head:$HEAD@${HEAD_LR_FACTOR:-0.1},all:$ALL" --lr "${LR:-0.01}" \
+    --backbone-lr-mult "${BACKBONE_LR_MULT:-0.1}" --bn-mode "${BN_MODE:-frozen}" \
+    ${TEACHER:+--teacher "$TEACHER" --distill-loss cosine --distill-weight "${DISTILL_WEIGHT:-1}"} \
     --per-batch-size "${PER_BATCH_SIZE:-64}" --verbose "${VERBOSE:-1000}" --ckpt "${CKPT:-3}" --eval-pretrained \
     --models-root "${MODELS_ROOT:-./models}" "$@"
 }
@@ -79,14 +85,25 @@ recipe_strategies() {
   $PY benchmarks/strategies.py --out "${OUT:-/tmp/ifr_strategies}" "$@"
 }
 
+recipe_strategies_real() {
+  # Evidence on real faces: model-y1-test2 adapted to lfw_dev unshifted and under low resolution and a face mask;
+  # no adaptation / linear probe / head-only / two-stage / full / two-stage + self-distillation, 2 seeds.
+  # Resumable: each finished cell is saved in OUT/results.json and skipped by a rerun with the same settings.
+  #   SHARED=../shared OUT=/tmp/ifr_strategies_real bash run.sh strategies-real [--no-flip --steps 80 ...]
+  local SHARED=${SHARED:-../shared}
+  $PY benchmarks/strategies_real.py --out "${OUT:-/tmp/ifr_strategies_real}" \
+    --pretrained "${PRETRAINED:-$SHARED/fixtures/model-y1-test2/model,0}" --data "${DATA:-$SHARED/real/lfw_dev}" "$@"
+}
+
 recipe_test() {
   $PY -m pytest -q tests "$@"
 }
 
 name=${1:-}
-[ -n "$name" ] || { echo "usage: bash run.sh {demo|finetune|mobilefacenet|train|strategies|test} [extra flags]" >&2; exit 2; }
+[ -n "$name" ] || { echo "usage: bash run.sh {demo|finetune|mobilefacenet|train|strategies|strategies-real|test} [extra flags]" >&2; exit 2; }
 shift
+given=$name; name=${name//-/_}  # strategies-real -> recipe_strategies_real
 if ! declare -F "recipe_$name" >/dev/null; then
-  echo "error: unknown recipe '$name'; choose demo, finetune, mobilefacenet, train, strategies or test" >&2; exit 2
+  echo "error: unknown recipe '$given'; choose demo, finetune, mobilefacenet, train, strategies, strategies-real or test" >&2; exit 2
 fi
 "recipe_$name" "$@"

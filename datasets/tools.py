@@ -1,7 +1,7 @@
 """One entry point for the dataset tools: ``python -m datasets.tools TOOL [args]``.
 
-Tools: synth, align, folder2rec, rec2folder, pairs2bin, bin2images, info. ``python -m datasets.tools TOOL --help``
-shows a tool's flags; each tool also runs alone (``python datasets/<tool>.py``).
+Tools: synth, align, folder2rec, rec2folder, pairs2bin, bin2images, info, shift. ``python -m datasets.tools TOOL
+--help`` shows a tool's flags; each tool also runs alone (``python datasets/<tool>.py``).
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ TOOLS = {
     "pairs2bin": "datasets.pairs2bin",
     "bin2images": "datasets.bin2images",
     "info": "datasets.rec_info",
+    "shift": "datasets.shift",
 }
 
 

@@ -105,6 +105,9 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--target", default=None,
                    help="verification sets, comma separated: names resolved as DATA_DIR/NAME.bin, or .bin paths")
     g.add_argument("--num-workers", type=int, default=None, help="image decoding threads")
+    g.add_argument("--augment", dest="data_augment", default=None, metavar="KIND[@S][+KIND[@S]][:P]",
+                   help="training-time domain shift (datasets/shift.py) applied to a share P of the images, e.g. "
+                        "lowres@0.9:0.5 or mask@0.7+jpeg@0.5:0.3; kinds: lowres, mask, grey, nir, blur, jpeg")
 
 
 def add_optim_args(parser: argparse.ArgumentParser) -> None:
@@ -144,7 +147,8 @@ def add_finetune_args(parser: argparse.ArgumentParser) -> None:
                         "unfrozen backbone starts gently instead of at full lr")
     g.add_argument("--frozen-stages", type=int, default=None, help="keep the first K backbone stages fixed")
     g.add_argument("--bn-mode", choices=("train", "frozen"), default=None,
-                   help="frozen: BatchNorm uses its stored statistics throughout")
+                   help="frozen: BatchNorm uses its stored statistics throughout (keeps the source domain's "
+                        "statistics; needs --backbone-lr-mult 0.1 or less, else training can diverge)")
     g.add_argument("--eval-pretrained", action="store_true", default=None,
                    help="verify the starting model on the targets first and print a before/after table")
     g.add_argument("--source-targets", default=None,

@@ -15,6 +15,7 @@ import cv2
 import mxnet as mx
 import numpy as np
 
+from datasets.shift import apply_shift, parse_augment
 from recognition.common import ToolkitError
 from recognition.rec import RecordReader, read_property
 
@@ -49,6 +50,10 @@ class FaceImageIter(mx.io.DataIter):
         Seed of every random choice; None picks one (kept in ``get_state()``).
     images_per_identity : int
         K > 0: each batch holds B/K identities x K images (for triplet losses); B must be a multiple of K.
+    augment : str or None
+        A domain shift from ``datasets.shift`` applied per image with probability p: ``"KIND[@SEVERITY][+KIND...][:p]"``
+        (e.g. ``"lowres@0.8:0.5"``, ``"mask"`` = p 1). Applied to the decoded BGR image before mirroring; which
+        images are shifted and how is drawn from ``(seed, epoch, batch)`` like every other choice (exact resume).
     num_parts, part_index : int
         Data-parallel workers (``kv.num_workers``, ``kv.rank``): the epoch order is drawn for the *global* batch
         ``G = num_parts x B`` and part ``r`` yields rows ``[r*B, (r+1)*B)`` of each global batch (augmentation
@@ -62,8 +67,9 @@ class FaceImageIter(mx.io.DataIter):
                  shuffle: bool = True, rand_mirror: bool = True, cutoff: int = 0, color_jitter: float = 0,
                  images_filter: int = 0, num_workers: int = 2, seed: Optional[int] = None,
                  images_per_identity: int = 0, data_name: str = "data", label_name: str = "softmax_label",
-                 num_parts: int = 1, part_index: int = 0):
+                 num_parts: int = 1, part_index: int = 0, augment: Optional[str] = None):
         super().__init__(batch_size)
+        self.augment, self.augment_p = parse_augment(augment) if augment else ([], 0.0)
         if len(data_shape) != 3 or data_shape[0] != 3:
             raise ToolkitError(f"data_shape {tuple(data_shape)}: expected (3, H, W)")
         if batch_size < 1:
@@ -170,6 +176,10 @@ class FaceImageIter(mx.io.DataIter):
         if self.color_jitter > 0:
             j = self.color_jitter
             aug["jit"] = rng.uniform(1 - j, 1 + j, (b, 3)).astype(np.float32)
+        if self.augment:  # its own stream: turning augment on leaves every other draw as it was
+            arng = np.random.default_rng([self.seed, epoch, batch, 4])
+            aug["shift"] = arng.random(b) < self.augment_p
+            aug["shift_seed"] = arng.integers(0, 2 ** 62, b)
         return aug
 
     # -- decoding ----------------------------------------------------------------------------------------------------
@@ -185,6 +195,8 @@ class FaceImageIter(mx.io.DataIter):
             return False
         if img.shape[0] != h or img.shape[1] != w:
             img = cv2.resize(img, (w, h), interpolation=cv2.INTER_LINEAR)
+        if "shift" in aug and aug["shift"][i]:
+            img = apply_shift(img, self.augment, np.random.default_rng(int(aug["shift_seed"][i])))
         rgb = img[:, ::-1, ::-1] if aug["mirror"][i] else img[:, :, ::-1]  # BGR -> RGB (+ horizontal flip)
         out = dst[i]
         out[...] = rgb.transpose(2, 0, 1)

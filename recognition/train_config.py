@@ -59,6 +59,7 @@ config.max_steps = 0
 config.warmup_steps = 0
 config.data_rand_mirror = True
 config.data_cutoff = 0
+config.data_augment = None  # --augment KIND[@S][+KIND[@S]][:P]: datasets.shift applied to a share P of images
 config.data_color = 0
 config.data_images_filter = 0
 config.num_workers = 2

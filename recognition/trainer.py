@@ -178,7 +178,8 @@ class Trainer:
         """The training iterator the objective needs (shuffled images, identity groups, mined triplets, + teacher)."""
         plan = self.plan
         spec = DataSpec(os.path.join(plan.data_dir, "train.rec"), plan.batch_size, plan.data_shape,
-                        rand_mirror=plan.data_rand_mirror, cutoff=plan.data_cutoff, color_jitter=plan.data_color,
+                        rand_mirror=plan.data_rand_mirror, cutoff=plan.data_cutoff, augment=plan.data_augment,
+                        color_jitter=plan.data_color,
                         images_filter=plan.data_images_filter,
                         num_workers=plan.num_workers, seed=plan.seed, num_parts=self.num_workers,
                         part_index=self.rank, num_devices=len(self.ctx))

@@ -161,7 +161,9 @@ def test_advise_small_data_and_command_parses(tiny_ckpt, small_data):
         assert args.emb_size == 128  # the checkpoint's width: train.py must not re-create the embedding layer
         assert args.lr == (0.1 if expected == 4 else 0.01)
         assert args.frozen_stages == (4 if expected == 3 else None)  # tiny: stem, stage1-4 -> train stage4 + head
-        assert args.backbone_lr_mult == (0.1 if expected == 2 else None)
+        assert args.backbone_lr_mult == (0.1 if expected in (2, 3) else None)
+        assert args.bn_mode == ("frozen" if expected in (2, 3) else None)
+        assert stages[0].lr_mult == 0.1 and stages[1].lr_mult == 1.0  # imprinted head at 0.1x (real faces)
         if expected == 3:
             alt = probe_parser().parse_args(r["alternative"][2:])
             assert alt.layer == "stage3_unit1_relu1_output"

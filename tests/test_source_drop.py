@@ -79,3 +79,31 @@ def test_bad_source_flags_are_one_line(tiny_data, tmp_path, capsys, extra, messa
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
     assert not os.path.exists(run_dir_of(tiny_data, tmp_path))  # nothing written
+
+
+def test_augment_flag_reaches_the_iterator_and_is_checked(tiny_data, tmp_path, capsys):
+    """``--augment`` (datasets.shift as a training augmentation) is the iterator's ``augment`` and a bad spec is
+    one line before anything is written."""
+    argv = base_args(tiny_data, tmp_path / "aug", "--augment", "lowres@0.9:0.5")
+    cfg = train.config_from_args(train.build_argparser().parse_args(argv))
+    t = Trainer(cfg, prepare_run(cfg))
+    assert t.plan.data_augment == "lowres@0.9:0.5"
+    assert (t.data.augment, t.data.augment_p) == ([("lowres", 0.9)], 0.5)
+    t.data.close()
+    capsys.readouterr()  # the trainer's own log lines
+    for spec, message in (("fog", "--augment fog: shift kind 'fog'"),
+                          ("lowres:1.5", "--augment 'lowres:1.5': probability 1.5 must be in (0, 1]")):
+        assert run_cli(train.main, base_args(tiny_data, tmp_path / "bad", "--augment", spec)) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+        assert not os.path.exists(run_dir_of(tiny_data, tmp_path / "bad"))
+
+
+@pytest.mark.parametrize("mult, warned", [("1.0", True), ("0.1", False)])
+def test_frozen_bn_with_a_fast_backbone_warns(tiny_data, tmp_path, caplog, mult, warned):
+    """--bn-mode frozen diverged on real faces with the backbone at full lr (issue 13): the plan says so."""
+    argv = base_args(tiny_data, tmp_path, "--bn-mode", "frozen", "--stages", "head:1,all:1", "--backbone-lr-mult", mult)
+    cfg = train.config_from_args(train.build_argparser().parse_args(argv))
+    prepare_run(cfg)
+    hits = [r for r in caplog.records if "--bn-mode frozen with the backbone at" in r.getMessage()]
+    assert bool(hits) == warned

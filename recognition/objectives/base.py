@@ -85,6 +85,7 @@ class DataSpec:
     data_shape: Tuple[int, int, int]
     rand_mirror: bool
     cutoff: int = 0
+    augment: Optional[str] = None
     color_jitter: float = 0.0
     images_filter: int = 0
     num_workers: int = 2
@@ -96,7 +97,8 @@ class DataSpec:
     def iter_kwargs(self) -> dict:
         """Keyword arguments of :class:`recognition.image_iter.FaceImageIter` after ``(rec, batch_size)``."""
         return dict(data_shape=self.data_shape, shuffle=True, rand_mirror=self.rand_mirror, cutoff=self.cutoff,
-                    color_jitter=self.color_jitter, images_filter=self.images_filter, num_workers=self.num_workers,
+                    augment=self.augment, color_jitter=self.color_jitter, images_filter=self.images_filter,
+                    num_workers=self.num_workers,
                     seed=self.seed, num_parts=self.num_parts, part_index=self.part_index)
 
 
@@ -113,6 +115,7 @@ class ObjectiveFlags:
     distill_weight: Optional[float] = None
     teacher_cache: Optional[str] = None
     data_cutoff: int = 0
+    data_augment: Optional[str] = None
     data_color: float = 0.0
     data_rand_mirror: bool = False
 
@@ -123,7 +126,8 @@ class ObjectiveFlags:
                    bag_identities=int(cfg.get("bag_identities") or 20), teacher=cfg.get("teacher") or None,
                    distill_loss=cfg.get("distill_loss"), distill_weight=None if weight is None else float(weight),
                    teacher_cache=cfg.get("teacher_cache") or None, data_cutoff=int(cfg.get("data_cutoff") or 0),
-                   data_color=float(cfg.get("data_color") or 0), data_rand_mirror=bool(cfg.get("data_rand_mirror")))
+                   data_augment=cfg.get("data_augment") or None, data_color=float(cfg.get("data_color") or 0),
+                   data_rand_mirror=bool(cfg.get("data_rand_mirror")))
 
 
 _SHAPE_KEEPING_OPS = {"BatchNorm", "Dropout", "Activation", "LeakyReLU", "identity", "_copy", "BlockGrad",

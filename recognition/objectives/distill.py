@@ -68,9 +68,9 @@ class Distillation(AddOn):
         if cache:
             if not str(cache).endswith(".npy"):
                 raise ToolkitError(f"--teacher-cache {cache}: expected a .npy file name")
-            if flags.data_cutoff or flags.data_color:
+            if flags.data_cutoff or flags.data_color or flags.data_augment:
                 raise ToolkitError("--teacher-cache holds embeddings of un-augmented images: drop --teacher-cache to "
-                                   "use cut-off/colour jitter (the teacher then runs on every batch)")
+                                   "use cut-off/colour jitter/--augment (the teacher then runs on every batch)")
             if flags.data_rand_mirror:
                 logger.warning("--teacher-cache holds un-mirrored images: random mirroring is switched off for this "
                                "run")

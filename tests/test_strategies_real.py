@@ -1,0 +1,66 @@
+"""benchmarks/strategies_real.py: each strategy's flags parse as train.py's and mean what the table says; the
+summary's gains and seed means are the arithmetic of the cells; results from two runs merge."""
+import importlib.util
+import json
+import os
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def sr():
+    spec = importlib.util.spec_from_file_location("strategies_real", os.path.join(ROOT, "benchmarks",
+                                                                                    "strategies_real.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+RECIPE = dict(flip=False, steps=80, per_batch_size=32, lr=0.01, wd=5e-4, head_frac=0.25, head_lr_factor=0.1,
+              backbone_lr_mult=0.1, bn_mode="frozen", margin_s=64.0, margin_m=0.5, distill_weight=1.0,
+              distill_loss="cosine")
+
+
+def test_flags_parse_and_budgets_are_equal(sr):
+    from recognition.freeze import parse_stages
+    from recognition.train import build_argparser
+
+    seen = {}
+    for s in ("head", "two-stage", "full", "two-stage+distill"):
+        args = build_argparser().parse_args(sr.train_flags(s, RECIPE, "m/model,0") + ["--data-dir", "d"])
+        stages = parse_stages(0, args.stages)
+        assert sum(st.steps for st in stages) == 80  # equal step budgets
+        assert args.fc7_init == "imprint" and args.bn_mode == "frozen" and args.lr == 0.01
+        seen[s] = (stages, args)
+    assert [(st.name, st.steps, st.lr_mult) for st in seen["two-stage"][0]] == [("head", 20, 0.1), ("all", 60, 1.0)]
+    assert [st.name for st in seen["head"][0]] == ["head"] and seen["head"][0][0].lr_mult == 0.1
+    assert seen["full"][1].backbone_lr_mult == 1.0 and seen["two-stage"][1].backbone_lr_mult == 0.1
+    d = seen["two-stage+distill"][1]
+    assert d.teacher == "m/model,0" and d.distill_loss == "cosine" and d.distill_weight == 1.0
+    assert seen["two-stage"][1].teacher is None
+
+
+def test_summary_is_the_cells_arithmetic(sr):
+    cells = {"r|mask@0.7|none|-": dict(target_acc=0.90, target_std=0.02, source_acc=0.99, source_std=0.01),
+             "r|mask@0.7|two-stage|0": dict(target_acc=0.93, target_std=0.02, source_acc=0.985, source_std=0.01),
+             "r|mask@0.7|two-stage|1": dict(target_acc=0.95, target_std=0.04, source_acc=0.975, source_std=0.01)}
+    rows = sr.summarise({"cells": cells}, "r", ["mask@0.7"], ["none", "two-stage"])
+    two = rows[1]
+    assert two["seeds"] == 2 and two["target_acc"] == pytest.approx(0.94) and two["target_std"] == pytest.approx(0.03)
+    assert two["gain"] == pytest.approx(0.04) and two["kept"] == pytest.approx(-0.01)
+    assert two["gain_in_stds"] == pytest.approx(2.0) and two["seed_spread"] == pytest.approx(0.02)
+    assert "two-stage" in sr.format_table(rows) and sr.domain_slug("lowres@0.9+jpeg") == "lowres0.9+jpeg"
+
+
+def test_two_runs_merge_their_cells(sr, tmp_path):
+    path = str(tmp_path / "results.json")
+    a = {"recipes": {"r": {}}, "cells": {"r|x|head|0": {"target_acc": 1}}, "baseline": {}}
+    b = {"recipes": {"r": {}}, "cells": {"r|x|full|0": {"target_acc": 2}}, "baseline": {"v": {"acc": 3}}}
+    sr._save(path, a)
+    sr._save(path, b)  # b did not know a's cell: it is kept, and b now holds it too
+    with open(path) as f:
+        disk = json.load(f)
+    assert set(disk["cells"]) == {"r|x|head|0", "r|x|full|0"} and disk["baseline"] == {"v": {"acc": 3}}
+    assert set(b["cells"]) == set(disk["cells"])
