@@ -42,14 +42,58 @@ def add_loss_args(parser: argparse.ArgumentParser) -> None:
 
 
 def add_legacy_loss_args(parser: argparse.ArgumentParser) -> None:
-    """``--loss-type`` and margins of insightface's older ``train_softmax.py``."""
+    """``--loss-type``, margins and the other flags of insightface's older ``src/train_softmax.py``."""
     g = parser.add_argument_group("loss (train_softmax.py flags)")
     g.add_argument("--loss-type", type=int, default=None,
                    help="; ".join(f"{k} {v}" for k, v in LOSS_TYPES.items()) + " (default 4)")
     objectives.add_objective_args(parser, g, legacy=True)  # --margin-*, --easy-margin, --triplet-alpha, ...
-    for flag in ("--version-se", "--version-input", "--version-output", "--version-unit", "--version-act",
-                 "--version-multiplier"):
-        g.add_argument(flag, default=None, help="accepted for compatibility; the network registry fixes it")
+    s = parser.add_argument_group("network structure and data (train_softmax.py flags)")
+    for flag, kind, text in (("--version-se", int, "1: squeeze-excitation units (fresnet)"),
+                             ("--version-input", int, "stem: 1 3x3 stride 1, 0 7x7 stride 2 (fresnet)"),
+                             ("--version-output", str, "embedding head: E GDC F G H I J GAP (insightface's E)"),
+                             ("--version-unit", int, "residual unit: 1, 2, 3 (fresnet)"),
+                             ("--version-act", str, "activation: prelu relu sigmoid tanh softrelu"),
+                             ("--version-multiplier", float, "width multiplier (MobileNet)")):
+        s.add_argument(flag, type=kind, default=None, help=text + "; train_softmax.py's defaults from scratch")
+    s.add_argument("--image-size", default=None, help="H,W of the training images (insightface's 112,112)")
+    s.add_argument("--bn-mom", type=float, default=None, help="BatchNorm momentum of the network (0.9)")
+    s.add_argument("--fc7-no-bias", action="store_true", default=None, help="softmax (type 0) classifier without bias")
+    s.add_argument("--rand-mirror", type=_int01, default=None, help="random horizontal flip 0|1 (1)")
+    s.add_argument("--cutoff", type=int, default=None, help="cutout augmentation size (0: off)")
+    s.add_argument("--color", type=int, default=None, help="colour jitter strength (0: off)")
+    s.add_argument("--images-filter", type=int, default=None, help="drop identities with fewer images (0: keep all)")
+    for flag, (kind, _) in REFUSED_SOFTMAX_FLAGS.items():
+        if kind is None:
+            s.add_argument(flag, action="store_true", default=None, help="not built here (one-line refusal)")
+        else:
+            s.add_argument(flag, type=kind, default=None, help="not built here (one-line refusal)")
+
+
+# insightface train_softmax.py flags this toolkit does not build: flag -> (type or None for a switch, why and what
+# to use instead)
+REFUSED_SOFTMAX_FLAGS = {
+    "--use-deformable": (int, "deformable convolutions are not built here; 0 (insightface's default) is what "
+                              "runs, drop the flag"),
+    "--ce-loss": (None, "the cross-entropy loss is always computed and logged here (train.log, metrics.jsonl "
+                        "'loss'); drop the flag"),
+    "--margin": (int, "insightface's LSoftmax (--loss-type 1) is not built here; use train.py --loss sphereface "
+                      "with --set loss.sphereface.margin_a=M"),
+}
+for _flag in ("--beta", "--beta-min", "--beta-freeze", "--gamma", "--power", "--scale"):
+    REFUSED_SOFTMAX_FLAGS[_flag] = (float, "LSoftmax's lambda annealing (--loss-type 1) is not built here; use "
+                                           "train.py --loss sphereface with a fixed --set "
+                                           "loss.sphereface.sphere_lambda=L")
+# insightface train_softmax.py loss types not built here, with the replacement
+REFUSED_LOSS_TYPES = {
+    1: "insightface's LSoftmax (unnormalised, lambda annealed by --beta/--gamma/--power) is not built here; use "
+       "train.py --loss sphereface (normalised SphereFace, s=64, m1=4, fixed lambda)",
+}
+# which margin flags each train_softmax.py loss type reads (insightface ignores the others)
+_MARGINS_OF_TYPE = {0: (), 2: ("margin_s", "margin_m"), 4: ("margin_s", "margin_m", "easy_margin"),
+                    5: ("margin_s", "margin_m", "margin_a", "margin_b"), 12: ("margin_m", "triplet_alpha"),
+                    13: ("margin_m", "triplet_alpha")}
+# insightface train_softmax.py's argparse defaults of the margins
+SOFTMAX_MARGIN_DEFAULTS = {"margin_s": 64.0, "margin_m": 0.5, "margin_a": 1.0, "margin_b": 0.0}
 
 
 def add_data_args(parser: argparse.ArgumentParser) -> None:
@@ -139,6 +183,8 @@ def add_run_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--verbose", type=int, default=None, help="verify (and checkpoint) every N batches")
     g.add_argument("--frequent", type=int, default=None, help="log speed/loss/accuracy every N batches")
     g.add_argument("--seed", type=int, default=None, help="random seed")
+    g.add_argument("--count-flops", action="store_true", default=None,
+                   help="log the network's FLOPs and parameters at train start (insightface's config.count_flops)")
     g.add_argument("--resume", default=None, help="continue the run saved in DIR (its resume/ state)")
     g.add_argument("--config", default=None, help="configuration file (.py, .json, .yaml) overriding defaults")
     g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -153,27 +199,45 @@ def explicit_values(args: argparse.Namespace) -> dict:
     return {k: v for k, v in vars(args).items() if v is not None and k not in _NOT_CONFIG}
 
 
-def legacy_loss_values(args: argparse.Namespace) -> dict:
+def legacy_loss_values(args: argparse.Namespace, fill_defaults: bool = False) -> dict:
     """Map train_softmax.py's ``--loss-type``/``--margin-*`` onto configuration keys.
 
-    Only margins the user typed are passed; the rest come from the loss's defaults (for type 2, CosFace,
-    insightface's single ``--margin-m`` is the cosine margin ``margin_b`` here; for 13 it is the angle alpha).
+    For type 2 (CosFace) insightface's single ``--margin-m`` is the cosine margin ``margin_b`` here; for 13 the
+    angle alpha. A margin flag the chosen type does not read (insightface ignores it) is refused in one line, and
+    so is ``--loss-type 1`` (:data:`REFUSED_LOSS_TYPES`). ``fill_defaults``: margins not typed take
+    train_softmax.py's argparse defaults (:data:`SOFTMAX_MARGIN_DEFAULTS`: CosFace m=0.5, combined a=1 m=0.5 b=0)
+    instead of the loss's own.
     """
     out = {}
-    if args.loss_type is not None:
-        if args.loss_type not in LOSS_TYPES:
-            raise ToolkitError(f"--loss-type {args.loss_type}: unknown; choose one of "
+    loss_type = args.loss_type
+    if loss_type in REFUSED_LOSS_TYPES:
+        raise ToolkitError(f"--loss-type {loss_type}: {REFUSED_LOSS_TYPES[loss_type]}")
+    if loss_type is not None:
+        if loss_type not in LOSS_TYPES:
+            raise ToolkitError(f"--loss-type {loss_type}: unknown; choose one of "
                                + ", ".join(f"{k} ({v})" for k, v in LOSS_TYPES.items()))
-        out["loss"] = LOSS_TYPES[args.loss_type]
-    name = out.get("loss")
-    for flag in ("margin_s", "margin_a", "margin_b", "triplet_alpha"):
-        if getattr(args, flag) is not None:
-            out[flag] = getattr(args, flag)
-    if args.margin_m is not None:
-        key = objectives.get_objective(name).legacy_margin_m if name else "margin_m"
-        out[key] = args.margin_m
-    if args.easy_margin is not None:
-        out["easy_margin"] = bool(args.easy_margin)
+        out["loss"] = LOSS_TYPES[loss_type]
+    typed = {k: getattr(args, k) for k in ("margin_s", "margin_m", "margin_a", "margin_b", "easy_margin",
+                                           "triplet_alpha") if getattr(args, k) is not None}
+    effective = 4 if loss_type is None else loss_type
+    if effective in _MARGINS_OF_TYPE:
+        unused = [k for k in typed if k not in _MARGINS_OF_TYPE[effective]]
+        if unused:
+            flags = ", ".join("--" + k.replace("_", "-") for k in unused)
+            raise ToolkitError(f"{flags}: --loss-type {effective} ({LOSS_TYPES[effective]}) does not use it "
+                               f"(insightface ignores it); use --loss-type 5 for a combined margin a, m, b")
+    name = LOSS_TYPES[effective] if fill_defaults or loss_type is not None else out.get("loss")
+    if fill_defaults and effective in (2, 4, 5):
+        for key in _MARGINS_OF_TYPE[effective]:
+            if key in SOFTMAX_MARGIN_DEFAULTS:
+                typed.setdefault(key, SOFTMAX_MARGIN_DEFAULTS[key])
+    for key, value in typed.items():
+        if key == "margin_m":
+            out[objectives.get_objective(name).legacy_margin_m if name else "margin_m"] = value
+        elif key == "easy_margin":
+            out[key] = bool(value)
+        else:
+            out[key] = value
     return out
 
 
@@ -214,10 +278,44 @@ class ConfigDefaultsHelpFormatter(argparse.HelpFormatter):
         return f"{text} ({where})".replace("%", "%%")
 
 
+def softmax_flag_values(args: argparse.Namespace) -> dict:
+    """train_softmax.py's structure/data flags as configuration keys; refused flags are one line each."""
+    for flag, (_, why) in REFUSED_SOFTMAX_FLAGS.items():
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value is None or (flag == "--use-deformable" and value == 0):
+            continue
+        shown = "" if value is True else f" {value}"
+        raise ToolkitError(f"{flag}{shown}: {why}")
+    out = {}
+    for flag, key in _SOFTMAX_KEYS.items():
+        value = getattr(args, flag)
+        if value is not None:
+            out[key] = value
+    if args.image_size is not None:
+        try:
+            h, w = (int(v) for v in str(args.image_size).split(","))
+        except ValueError:
+            raise ToolkitError(f"--image-size {args.image_size!r}: expected H,W such as 112,112") from None
+        out["image_size"] = (h, w)
+    if "data_rand_mirror" in out:
+        out["data_rand_mirror"] = bool(out["data_rand_mirror"])
+    return out
+
+
+_SOFTMAX_KEYS = {"version_se": "net_se", "version_input": "net_input", "version_output": "net_output",
+                 "version_unit": "net_unit", "version_act": "net_act", "version_multiplier": "net_multiplier",
+                 "bn_mom": "bn_mom", "fc7_no_bias": "fc7_no_bias", "rand_mirror": "data_rand_mirror",
+                 "cutoff": "data_cutoff", "color": "data_color", "images_filter": "data_images_filter"}
+SOFTMAX_ONLY = tuple(_SOFTMAX_KEYS) + ("image_size", "loss_type", "margin_s", "margin_m", "margin_a", "margin_b",
+                                       "easy_margin", "triplet_alpha") + \
+    tuple(f[2:].replace("-", "_") for f in REFUSED_SOFTMAX_FLAGS)
+
+
 def build_parser(description: str, legacy: bool = False, prog: Optional[str] = None) -> argparse.ArgumentParser:
     """Parser with every group; ``legacy`` swaps ``--loss`` for train_softmax.py's ``--loss-type`` flags.
     ``--help`` shows the configuration defaults (:class:`ConfigDefaultsHelpFormatter`)."""
-    parser = argparse.ArgumentParser(prog=prog, description=description, formatter_class=ConfigDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(prog=prog, description=description, allow_abbrev=False,
+                                     formatter_class=ConfigDefaultsHelpFormatter)
     add_model_args(parser)
     if legacy:
         add_legacy_loss_args(parser)
@@ -230,6 +328,7 @@ def build_parser(description: str, legacy: bool = False, prog: Optional[str] = N
     return parser
 
 
-__all__ = ["ConfigDefaultsHelpFormatter", "LOSS_TYPES", "add_model_args", "add_loss_args", "add_legacy_loss_args",
-           "add_data_args", "add_optim_args", "add_finetune_args", "add_run_args", "explicit_values",
-           "legacy_loss_values", "build_parser"]
+__all__ = ["ConfigDefaultsHelpFormatter", "REFUSED_SOFTMAX_FLAGS", "REFUSED_LOSS_TYPES", "SOFTMAX_MARGIN_DEFAULTS",
+           "SOFTMAX_ONLY", "softmax_flag_values", "LOSS_TYPES", "add_model_args", "add_loss_args",
+           "add_legacy_loss_args", "add_data_args", "add_optim_args", "add_finetune_args", "add_run_args",
+           "explicit_values", "legacy_loss_values", "build_parser"]

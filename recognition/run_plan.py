@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, List, Mapping, Optional, Sequence, Tuple
 
@@ -40,7 +40,8 @@ _NUMBERS = {
     "num_workers": (True, 0, True, None, False, ""), "frozen_stages": (True, 0, True, None, False, ""),
     "data_cutoff": (True, 0, True, None, False, ""), "data_images_filter": (True, 0, True, None, False, ""),
     "pretrained_epoch": (True, 0, True, None, False, ""), "bag_identities": (True, 2, True, None, False, ""),
-    "seed": (True, 0, True, 2 ** 32 - 1, True, ""),
+    "seed": (True, 0, True, 2 ** 32 - 1, True, ""), "lr_steps_batch": (True, 0, False, None, False, ""),
+    "bn_mom": (False, 0, True, 1, True, ""),
 }
 
 
@@ -92,6 +93,53 @@ def _parse_lr_steps(text) -> List[int]:
     return steps
 
 
+def _scale_lr_steps(steps: List[int], base_batch, batch_size: int) -> List[int]:
+    """insightface train_softmax.py: default lr steps are for a global batch of ``base_batch`` (512) and scale
+    by ``base_batch / batch_size`` (``int(step * p)``)."""
+    if not base_batch:
+        return steps
+    p = float(base_batch) / batch_size
+    return [max(1, int(s * p)) for s in steps]
+
+
+def _network_options(cfg, pretrained: Optional[str], resume) -> dict:
+    """``net_*`` keys / ``--version-*`` flags -> build options of ``--network`` (one line when unsupported, or when
+    the graph does not come from ``--network``)."""
+    from recognition.backbones import NET_KEYS, network_options
+
+    keys = {k: cfg.get(k) for k in NET_KEYS if cfg.get(k) is not None}
+    if not keys:
+        return {}
+    if resume or pretrained:
+        names = ", ".join(f"{k}={v!r}" for k, v in keys.items())
+        raise ToolkitError(f"{names}: the graph comes from the {'resume state' if resume else 'checkpoint'}, which "
+                           "these structure options cannot change; drop them (they apply when training from scratch)")
+    return network_options(cfg.network, keys)
+
+
+def _check_input_size(cfg, image_size: Tuple[int, int], net_options: dict, from_scratch: bool) -> None:
+    """``--image-size``: square (as insightface asserts), and one the network's graph can take (a 7x7 GDC head
+    needs 112x112); one line instead of an MXNet shape error at bind time."""
+    if image_size == (112, 112):
+        return
+    if len(image_size) != 2 or image_size[0] != image_size[1] or image_size[0] < 16:
+        raise ToolkitError(f"--image-size {','.join(map(str, image_size))}: must be square H,H with H >= 16 "
+                           "(insightface's default 112,112)")
+    if not from_scratch:
+        return
+    from recognition.backbones import get_symbol
+
+    try:
+        get_symbol(cfg.network, emb_size=cfg.get("emb_size"), prelu="stock", **net_options).infer_shape(
+            data=(1, 3) + tuple(image_size))
+    except ToolkitError:
+        raise
+    except Exception as exc:  # MXNet's shape error: say which flag
+        first = str(exc).strip().splitlines()[0][:160]
+        raise ToolkitError(f"--image-size {image_size[0]},{image_size[1]}: network {cfg.network} cannot take this "
+                           f"input ({first}); use 112,112") from None
+
+
 def _resolve_data_dir(cfg) -> str:
     if cfg.get("data_dir"):
         d = cfg.data_dir
@@ -122,7 +170,7 @@ def _resolve_targets(cfg, data_dir: str) -> List[str]:
         elif explicit:
             raise ToolkitError(f"--target {name}: verification set {path} does not exist")
         else:
-            logger.warning("dataset target %s: %s does not exist; skipped", name, path)
+            logger.warning("default target %s: %s does not exist; skipped", name, path)
     return paths
 
 
@@ -248,6 +296,8 @@ class RunPlan:
     ckpt_embedding: bool
     keep: int
     sample_ratio: float = 1.0
+    network_options: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))  # --version-*/net_*
+    count_flops: bool = False
     # forgetting: --source-targets (implies eval_pretrained), --max-source-drop, --stop-on-source-drop
     source_targets: Tuple[str, ...] = ()
     max_source_drop: Optional[float] = None
@@ -314,6 +364,8 @@ def prepare_run(cfg) -> RunPlan:
         from recognition.backbones import default_emb_size
 
         default_emb_size(cfg.network)  # unknown network: one line listing the valid names
+    net_options = _network_options(cfg, pretrained, resume)
+    _check_input_size(cfg, image_size, net_options, not (pretrained or resume))
     data_dir = _resolve_data_dir(cfg)
     num_classes = int(read_property(data_dir)[0])
     if cfg.get("num_classes") and int(cfg.num_classes) != num_classes:
@@ -323,7 +375,8 @@ def prepare_run(cfg) -> RunPlan:
     source_targets, max_source_drop, stop_on_source_drop = _source_watch(cfg, targets)
     stages = parse_stages(int(cfg.get("freeze_steps") or 0), cfg.get("stages"), cfg.get("head_lr_mult"))
     _warn_frozen_bn(cfg, stages)
-    lr_steps = _parse_lr_steps(cfg.lr_steps)
+    lr_steps = _scale_lr_steps(_parse_lr_steps(cfg.lr_steps), cfg.get("lr_steps_batch"),
+                               int(cfg.per_batch_size) * len(ctx))
     if int(cfg.get("stage_warmup") or 0) < 0:
         raise ToolkitError(f"--stage-warmup {cfg.stage_warmup}: must be >= 0")
     if cfg.fc7_init not in ("random", "imprint"):
@@ -349,7 +402,8 @@ def prepare_run(cfg) -> RunPlan:
         net = cfg.network if (cfg.get("network_explicit") or not pretrained) else \
             os.path.basename(os.path.dirname(os.path.abspath(pretrained.rpartition(",")[0]))) or "pretrained"
         ds = os.path.basename(os.path.normpath(str(cfg.dataset))) if cfg.dataset else "data"
-        prefix = os.path.join(cfg.models_root, f"{net}-{cfg.loss}-{ds}", "model")
+        extra = f"-{cfg.extra_model_name}" if cfg.get("extra_model_name") else ""
+        prefix = os.path.join(cfg.models_root, f"{net}-{cfg.loss}-{ds}{extra}", "model")
     return RunPlan(
         config=MappingProxyType(dict(cfg)), ctx=ctx, kvstore=kvstore, objective=objective, resume=resume,
         pretrained=pretrained, data_dir=data_dir, num_classes=num_classes, targets=tuple(targets),
@@ -371,7 +425,8 @@ def prepare_run(cfg) -> RunPlan:
         data_images_filter=int(cfg.get("data_images_filter") or 0), num_workers=int(cfg.num_workers),
         seed=int(cfg.get("seed") or 0), frequent=int(cfg.frequent), verbose=int(cfg.verbose), ckpt=int(cfg.ckpt),
         ckpt_embedding=bool(int(cfg.ckpt_embedding)), keep=int(cfg.get("keep") or 0),
-        sample_ratio=float(cfg.get("sample_ratio") or 1.0), source_targets=source_targets,
+        sample_ratio=float(cfg.get("sample_ratio") or 1.0), network_options=MappingProxyType(net_options),
+        count_flops=bool(cfg.get("count_flops")), source_targets=source_targets,
         max_source_drop=max_source_drop, stop_on_source_drop=stop_on_source_drop)
 
 

@@ -28,9 +28,11 @@ def build_argparser(legacy: bool = False, prog: Optional[str] = None) -> argpars
     return build_parser(doc, legacy=legacy, prog=prog)
 
 
-def config_from_args(args: argparse.Namespace, explicit: Optional[dict] = None):
-    """Flat run configuration: defaults, ``--config``, explicit flags, ``--set``; on ``--resume`` the saved
-    configuration replaces the defaults (flags given now still override it)."""
+def config_from_args(args: argparse.Namespace, explicit: Optional[dict] = None,
+                     script_defaults: Optional[dict] = None):
+    """Flat run configuration: defaults (``script_defaults``: the script's own, train_softmax.py's), ``--config``,
+    explicit flags, ``--set``; on ``--resume`` the saved configuration replaces the defaults (flags given now still
+    override it)."""
     from recognition.resume_state import read_resume_state
     from recognition.train_config import resolve_config
 
@@ -40,7 +42,7 @@ def config_from_args(args: argparse.Namespace, explicit: Optional[dict] = None):
         base = read_resume_state(explicit["resume"])["config"]
     if "network" in explicit:
         explicit["network_explicit"] = True
-    return resolve_config(explicit, args.config, args.set, base=base)
+    return resolve_config(explicit, args.config, args.set, base=base, script_defaults=script_defaults)
 
 
 def report(summary: dict) -> None:

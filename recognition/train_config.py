@@ -5,7 +5,11 @@ values flags fall back to). :func:`resolve_config` flattens them for one run, lo
 
     config < default < network[NAME] < dataset[NAME] < loss[NAME] < --config FILE < explicit flags < --set k=v
 
-``--config`` takes ``.json``, ``.yaml``/``.yml`` (needs PyYAML) or ``.py`` (its ``config`` dict). A file may
+``--config`` takes ``.json``, ``.yaml``/``.yml`` (needs PyYAML) or ``.py``: its ``config`` dict, and an insightface
+``sample_config.py``/``config.py`` unchanged (its module-level ``config``, ``network``, ``dataset``, ``loss`` and
+``default`` dicts). insightface's key names are read as ours (:data:`INSIGHTFACE_KEYS`: ``loss_s``, ``loss_m1/m2/m3``,
+``image_shape``); keys that only describe what the section's name already says (``net_name``, ``num_layers``,
+``loss_name``) are checked against it; keys with no meaning here are logged one line each and skipped. A file may
 override sections (``{"loss": {"arcface": {"margin_m": 0.45}}}``) or flat keys (``{"lr": 0.01}``); ``--set``
 takes ``key=value`` with dotted section keys (``loss.arcface.margin_m=0.45``) or flat keys (``lr=0.01``).
 """
@@ -13,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 import runpy
 from typing import Iterable, Optional
@@ -23,7 +28,24 @@ from recognition.common import ToolkitError
 from recognition.objectives import config_sections
 from recognition.objectives.base import LOSS_FIELDS
 
+logger = logging.getLogger("recognition")
+
 SECTIONS = ("network", "dataset", "loss")
+
+# insightface config key -> ours
+INSIGHTFACE_KEYS = {"loss_s": "margin_s", "loss_m1": "margin_a", "loss_m2": "margin_m", "loss_m3": "margin_b",
+                    "image_shape": "image_size"}
+# insightface keys that describe what the section name already fixes (checked, then dropped)
+_DESCRIPTIVE = ("net_name", "num_layers", "loss_name")
+# insightface keys with no effect in this toolkit: a file may hold them (one line each); --set refuses them
+IGNORED_FILE_KEYS = {
+    "workspace": "cuDNN workspace size; MXNet chooses it here",
+    "memonger": "memory planning is not used here",
+    "ce_loss": "the cross-entropy loss is always computed and logged here (train.log, metrics.jsonl)",
+    "triplet_bag_size": "offline mining bags are --bag-identities identities here",
+    "triplet_max_ap": "offline semi-hard mining has no max-ap threshold here",
+    "densenet_dropout": "densenet networks are not built here",
+}
 
 # Global knobs (insightface config.*). None = "decided elsewhere" (network default, data property, ...).
 config = edict()
@@ -42,16 +64,28 @@ config.data_color = 0
 config.data_images_filter = 0
 config.num_workers = 2
 config.num_classes = None  # None: read from the dataset's property file
-config.val_targets = []
+config.val_targets = ["lfw", "cfp_fp", "agedb_30"]  # insightface's; missing ones are skipped with a warning
 config.image_size = (112, 112)
 config.prelu = "bn"  # training graph; checkpoints save the stock graph
+config.count_flops = False  # log the embedding graph's FLOPs and parameters at train start (recognition.flops)
+# network structure (insightface's net_* keys; train_softmax.py's --version-*): None = the network's own
+config.net_output = None
+config.net_se = None
+config.net_input = None
+config.net_unit = None
+config.net_act = None
+config.net_blocks = None
+config.net_multiplier = None
+config.bn_mom = None
 
 # Network sections: everything structural lives in recognition.backbones; these are per-network training
 # defaults (insightface's y1 recipe: 128-d embedding).
 network = edict()
 for _name, _emb in (("tiny", None), ("r18", 512), ("r34", 512), ("r50", 512), ("r100", 512), ("y1", 128),
-                    ("y2", 256), ("m1", 512), ("vargfacenet", 512)):
+                    ("y2", 256), ("m1", 256), ("m05", 256), ("vargfacenet", 512)):
     network[_name] = edict(emb_size=_emb) if _emb else edict()
+for _name in ("r50v1", "r49", "r74", "r90", "r98", "r99", "r101", "r124", "r152", "r160", "r200", "r269"):
+    network[_name] = edict(emb_size=512)
 
 # Dataset sections: dataset_path, optional num_classes (checked against `property`), targets.
 dataset = edict()
@@ -72,19 +106,21 @@ default.dataset = "emore"
 default.data_dir = None
 default.loss = "arcface"
 default.pretrained = ""
-default.pretrained_epoch = None
+default.pretrained_epoch = 1  # insightface's: a bare --pretrained PREFIX loads PREFIX-0001.params
 default.frequent = 20
 default.verbose = 2000
 default.kvstore = "device"
 default.end_epoch = 10000
 default.lr = 0.1
 default.lr_steps = "100000,160000,220000"
+default.lr_steps_batch = None  # N: lr_steps are for a global batch of N and scale by N / batch (train_softmax.py)
 default.wd = 0.0005
 default.mom = 0.9
 default.per_batch_size = 128
 default.ckpt = 3
 default.models_root = "./models"
 default.prefix = None
+default.extra_model_name = None  # insightface train_parall.py: runs go to MODELS_ROOT/NET-LOSS-DATASET-NAME/
 default.target = None  # None: the dataset's val_targets
 default.ctx = None
 default.seed = 0
@@ -153,6 +189,10 @@ def load_config_file(path: str) -> dict:
             data = ns.get("config")
             if data is None:
                 raise ToolkitError(f"--config {path}: a .py config must define a dict named 'config'")
+            if any(isinstance(ns.get(sec), dict) for sec in SECTIONS + ("default",)):
+                # insightface's sample_config.py layout: module-level config/network/dataset/loss/default
+                data = {"config": dict(data), **{sec: dict(ns[sec]) for sec in SECTIONS + ("default",)
+                                                 if isinstance(ns.get(sec), dict)}}
         else:
             raise ToolkitError(f"--config {path}: unknown extension {ext!r}; use .json, .yaml, .yml or .py")
     except ToolkitError:
@@ -175,6 +215,49 @@ def parse_value(text: str):
         return text
 
 
+def _translate(key: str, value, where: str, known: set, section: Optional[str] = None):
+    """One key of a file or ``--set`` in our terms: ``(key, value)``, or None when it is to be skipped.
+
+    insightface's names are mapped (:data:`INSIGHTFACE_KEYS`); descriptive keys are checked against the section
+    they sit in; keys with no effect here are skipped with one log line in a file and refused by ``--set``."""
+    key = INSIGHTFACE_KEYS.get(key, key)
+    if key == "image_size" and isinstance(value, (list, tuple)) and len(value) == 3:
+        value = tuple(value[:2])  # insightface's image_shape is (H, W, C)
+    if key == "data_cutoff" and isinstance(value, bool):
+        value = int(value)  # sample_config.py writes config.data_cutoff = False
+    if key in _DESCRIPTIVE:
+        _check_descriptive(key, value, section, where)
+        return None
+    if key in known:
+        return key, value
+    if key in IGNORED_FILE_KEYS and not where.startswith("--set"):
+        logger.warning("%s: key %r skipped: %s", where, key, IGNORED_FILE_KEYS[key])
+        return None
+    if key in IGNORED_FILE_KEYS:
+        raise ToolkitError(f"{where}: key {key!r} has no effect here ({IGNORED_FILE_KEYS[key]})")
+    raise ToolkitError(f"{where}: unknown key {key!r}")
+
+
+def _check_descriptive(key: str, value, section: Optional[str], where: str) -> None:
+    """``net_name``/``num_layers``/``loss_name`` must agree with the network/loss the section is named after."""
+    if section is None:
+        return
+    kind, name = section
+    if key == "num_layers" and kind == "network" and name.startswith("r") and name[1:].isdigit():
+        if int(value) != int(name[1:]):
+            raise ToolkitError(f"{where}: network.{name}.num_layers={value} contradicts the name {name}")
+    elif key == "net_name" and kind == "network":
+        from recognition.backbones import NETWORKS
+
+        family = NETWORKS[name].family if name in NETWORKS else None
+        if family is not None and family != value:
+            raise ToolkitError(f"{where}: network.{name}.net_name={value!r} but {name} is a {family} network here")
+    elif key == "loss_name" and kind == "loss":
+        wanted = {"softmax": "softmax", "triplet": "triplet", "atriplet": "atriplet"}.get(name, "margin_softmax")
+        if value != wanted:
+            raise ToolkitError(f"{where}: loss.{name}.loss_name={value!r}; {name} is {wanted!r} in insightface")
+
+
 def _split_overrides(tree: edict, data: dict, where: str, known: set) -> dict:
     """Merge section entries of ``data`` into ``tree``; return its flat keys (checked against ``known``)."""
     flat = {}
@@ -184,15 +267,21 @@ def _split_overrides(tree: edict, data: dict, where: str, known: set) -> dict:
                 raise ToolkitError(f"{where}: section {key!r} must be a mapping")
             for name, entry in value.items():
                 if key in ("config", "default"):
-                    tree[key][name] = entry
+                    item = _translate(name, entry, where, known)
+                    if item:
+                        tree[key][item[0]] = item[1]
                 elif isinstance(entry, dict):
-                    tree[key].setdefault(name, edict()).update(entry)
+                    section = tree[key].setdefault(name, edict())
+                    for sub, sub_value in entry.items():
+                        item = _translate(sub, sub_value, where, known, (key, name))
+                        if item:
+                            section[item[0]] = item[1]
                 else:
                     raise ToolkitError(f"{where}: {key}.{name} must be a mapping")
-        elif key in known:
-            flat[key] = value
         else:
-            raise ToolkitError(f"{where}: unknown key {key!r}")
+            item = _translate(key, value, where, known)
+            if item:
+                flat[item[0]] = item[1]
     return flat
 
 
@@ -206,7 +295,7 @@ def parse_sets(items: Iterable[str], known: set) -> dict:
             raise ToolkitError(f"--set {item!r}: expected KEY=VALUE (e.g. lr=0.01 or loss.arcface.margin_m=0.45)")
         parts = key.split(".")
         if len(parts) == 1:
-            if key not in known:
+            if INSIGHTFACE_KEYS.get(key, key) not in known:
                 raise ToolkitError(f"--set {item!r}: unknown key {key!r}")
             out[key] = parse_value(raw)
         elif len(parts) == 3 and parts[0] in SECTIONS:
@@ -220,13 +309,15 @@ def parse_sets(items: Iterable[str], known: set) -> dict:
 
 
 def resolve_config(cli: dict, config_file: Optional[str] = None, sets: Iterable[str] = (),
-                   base: Optional[dict] = None) -> edict:
+                   base: Optional[dict] = None, script_defaults: Optional[dict] = None) -> edict:
     """One flat easydict for a run.
 
     ``cli``: explicit flag values (``None`` = not given). ``base``: a saved flat config to start from (resume),
-    which replaces the tree's defaults. Returns the flat config; ``cfg.loss_kwargs`` holds the LossConfig
-    fields for :func:`recognition.objectives.make_loss_config`.
+    which replaces the tree's defaults. ``script_defaults``: a script's own defaults (train_softmax.py's), above
+    the tree's sections and below ``--config``, flags and ``--set``. Returns the flat config; ``cfg.loss_kwargs``
+    holds the LossConfig fields for :func:`recognition.objectives.make_loss_config`.
     """
+    script_defaults = dict(script_defaults or {})
     tree = base_tree()
     known = known_keys(tree)
     file_flat = _split_overrides(tree, load_config_file(config_file), f"--config {config_file}", known) \
@@ -238,7 +329,9 @@ def resolve_config(cli: dict, config_file: Optional[str] = None, sets: Iterable[
         for layer in (set_flat, given, file_flat):
             if key in layer:
                 return layer[key]
-        return (base or {}).get(key, tree.default.get(key))
+        if base:
+            return base.get(key, tree.default.get(key))
+        return script_defaults.get(key, tree.default.get(key))
 
     net, ds, loss_name = pick("network"), pick("dataset"), pick("loss")
     explicit_data = any("data_dir" in layer for layer in (set_flat, given, file_flat))
@@ -256,6 +349,7 @@ def resolve_config(cli: dict, config_file: Optional[str] = None, sets: Iterable[
         if ds in tree.dataset:
             flat.update(tree.dataset[ds])
         flat.update(tree.loss.get(loss_name, {}))
+        flat.update(script_defaults)
     flat.update(file_flat)
     flat.update(given)
     flat.update(set_flat)

@@ -39,7 +39,28 @@ def build_argparser() -> argparse.ArgumentParser:
     g = parser.add_argument_group("model parallel")
     g.add_argument("--sample-ratio", type=float, default=None,
                    help="Partial FC: fraction of each shard's classes used per step (positives always), 0 < r <= 1")
+    g.add_argument("--extra-model-name", default=None,
+                   help="insightface's: runs go to MODELS_ROOT/NETWORK-LOSS-DATASET-NAME/model")
+    for flag, (kind, _) in REFUSED_PARALL_FLAGS.items():
+        g.add_argument(flag, type=kind, default=None, help="insightface's; not built here (one-line refusal)")
     return parser
+
+
+# insightface recognition/train_parall.py flags not built here: flag -> (type, why and what to use)
+REFUSED_PARALL_FLAGS = {
+    "--worker-id": (int, "train_parall.py here splits fc7 over this machine's devices only; for several machines "
+                         "run python -m recognition.launch -- python recognition/train.py --kvstore dist_sync "
+                         "(the launcher numbers the workers)"),
+    "--fp16-scale": (float, "mixed precision is not built here (training runs in float32); drop the flag"),
+}
+
+
+def check_parall_flags(args: argparse.Namespace) -> None:
+    """One line for a refused insightface train_parall.py flag (:data:`REFUSED_PARALL_FLAGS`)."""
+    for flag, (_, why) in REFUSED_PARALL_FLAGS.items():
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value is not None:
+            raise ToolkitError(f"{flag} {value}: {why}")
 
 
 def check_parallel_config(cfg) -> None:
@@ -145,12 +166,20 @@ class ParallelTrainer(Trainer):
         return loss, acc, {}
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    from recognition.heads import CLASSIFICATION_LOSSES
-    from recognition.train import config_from_args, report
+def parall_config(argv: Optional[Sequence[str]] = None):
+    """The flat run configuration of train_parall.py's ``argv`` (refused insightface flags: one line)."""
+    from recognition.train import config_from_args
 
     args = build_argparser().parse_args(argv)
-    cfg = config_from_args(args)
+    check_parall_flags(args)
+    return config_from_args(args)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from recognition.heads import CLASSIFICATION_LOSSES
+    from recognition.train import report
+
+    cfg = parall_config(argv)
     check_parallel_config(cfg)
     if cfg.loss not in CLASSIFICATION_LOSSES:
         raise ToolkitError(f"--loss {cfg.loss}: train_parall.py needs a classification loss "

@@ -164,7 +164,11 @@ class Trainer:
             self.aux_params = dict(pre.aux_params)
         else:
             self.embedding_symbol = get_symbol(plan.network, emb_size=plan.emb_size,
-                                               prelu=plan.prelu)
+                                               prelu=plan.prelu, **plan.network_options)
+        if plan.count_flops:  # insightface's config.count_flops: logged at train start
+            from recognition.flops import log_flops
+
+            log_flops(self.embedding_symbol, plan.data_shape)
         self.train_symbol, self.head_info = plan.objective.build_symbol(self.embedding_symbol, plan.num_classes,
                                                                         self.fc7_name)
         if self.arg_params or self.aux_params:  # prelu='bn': its constant unit states are never loaded, only filled

@@ -411,8 +411,12 @@ def save_roc_png(path: str, results: Dict[str, Dict]) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(formatter_class=DefaultsHelpFormatter,
-                                prog="ifr-verify", description="Verification accuracy of a checkpoint on .bin sets")
+    from recognition import verification_compat  # insightface's calling convention (--data-dir + names, PREFIX,E1|E2)
+
+    if verification_compat.is_insightface_argv(sys.argv[1:] if argv is None else argv):
+        return verification_compat.main(sys.argv[1:] if argv is None else argv)
+    p = argparse.ArgumentParser(prog="ifr-verify", description="Verification accuracy of a checkpoint on .bin sets",
+                                allow_abbrev=False, formatter_class=DefaultsHelpFormatter)
     p.add_argument("--model", required=True, help="PREFIX,EPOCH of the checkpoint (full or slim)")
     p.add_argument("--target", required=True, help="comma-separated .bin files (lfw.bin,cfp_fp.bin,...)")
     p.add_argument("--batch-size", type=int, default=32)

@@ -157,7 +157,7 @@ def test_divergence_stops_with_message_and_keeps_last_checkpoint(tiny_data, tmp_
 @pytest.mark.parametrize("extra, message", [
     (["--network", "nosuchnet"], "'nosuchnet': unknown network; valid names:"),
     (["--loss", "nosuchloss"], "--loss: unknown loss 'nosuchloss'; choose one of"),
-    (["--pretrained", "/nonexistent/model"], "missing ',EPOCH'"),
+    (["--pretrained", "/nonexistent/model"], "/nonexistent/model-0001.params does not exist"),  # insightface: epoch 1
     (["--pretrained", "/nonexistent/model,0"], "/nonexistent/model-0000.params does not exist"),
     (["--set", "num_classes=99"], "num_classes=99 but"),
     (["--target", "nosuchset"], "--target nosuchset: verification set"),

@@ -100,6 +100,56 @@ def get_symbol(name: str, emb_size: Optional[int] = None, prelu: str = "bn", **o
     return sym
 
 
+# insightface's network-structure keys (config.net_* and train_softmax.py's --version-*), their insightface
+# defaults, and the build option each maps to per family (None: that family's builder has no such option).
+NET_KEYS = {"net_output": "E", "net_se": 0, "net_input": 1, "net_unit": 3, "net_act": "prelu", "net_blocks": None,
+            "net_multiplier": 1.0, "bn_mom": 0.9}
+_FAMILY_OPTIONS = {
+    "fresnet": {"net_output": "head", "net_se": "se", "net_input": "input", "net_unit": "unit", "net_act": "act_type",
+                "bn_mom": "bn_mom"},
+    "fmobilefacenet": {"net_output": "head", "net_blocks": "blocks", "net_act": "act_type", "bn_mom": "bn_mom"},
+    "fmobilenet": {"net_output": "head", "net_multiplier": "multiplier", "net_act": "act_type", "bn_mom": "bn_mom"},
+    "vargfacenet": {"bn_mom": "bn_mom"},
+}
+# a family's own value of a key it has no option for, where it differs from insightface's default
+_FAMILY_FIXED = {"vargfacenet": {"net_output": "J"}, "gluon": {"net_output": "E"}}
+# what each family builds for a key it maps (anything else is one line listing these)
+_SUPPORTED = {"net_unit": (1, 2, 3), "net_se": (0, 1), "net_input": (0, 1),
+              "net_act": ("prelu", "relu", "sigmoid", "tanh", "softrelu")}
+
+
+def network_options(name: str, keys: dict) -> dict:
+    """Build options of network ``name`` from insightface's ``net_*`` keys (``--version-*`` flags, config keys).
+
+    ``keys``: ``{net_output, net_se, net_input, net_unit, net_act, net_blocks, net_multiplier, bn_mom}`` (None or
+    absent = the network's own). A key the family builds becomes an option of :func:`get_symbol`; a key it does
+    not have is refused in one line unless it holds insightface's default (which is what that family builds);
+    an unsupported value is one line listing the supported ones.
+    """
+    from recognition.backbones.layers import check_head
+
+    given = {k: v for k, v in keys.items() if v is not None}
+    unknown = sorted(set(given) - set(NET_KEYS))
+    if unknown:
+        raise ToolkitError(f"network options: unknown key(s) {', '.join(unknown)}; known: {', '.join(NET_KEYS)}")
+    family = _spec(name).family
+    mapping = _FAMILY_OPTIONS.get(family, {})
+    out = {}
+    for key, value in given.items():
+        if key in _SUPPORTED and value not in _SUPPORTED[key]:
+            raise ToolkitError(f"--network {name}: {key}={value!r} is not built here; supported: "
+                               f"{', '.join(map(str, _SUPPORTED[key]))}")
+        if key == "net_output":
+            check_head(str(value))
+        if key in mapping:
+            out[mapping[key]] = list(value) if key == "net_blocks" else value
+        elif value != _FAMILY_FIXED.get(family, {}).get(key, NET_KEYS[key]) and \
+                not (key == "net_blocks" and family != "fmobilefacenet"):
+            raise ToolkitError(f"--network {name}: {key}={value!r} has no meaning for {family} networks; "
+                               f"it takes {', '.join(sorted(mapping)) or 'none of the net_* keys'}")
+    return out
+
+
 def get_stages(name: str) -> List[Tuple[str, str]]:
     """``[(stage_name, regex), ...]`` from input to embedding; together they match every parameter name
     (arguments except ``data``, and auxiliary states) of ``get_symbol(name)``. The last stage is ``embedding``.
@@ -120,6 +170,7 @@ def load_imagenet_params(name: str):
     return gluon_zoo.load_imagenet_params(name)
 
 
-__all__ = ["NETWORKS", "NetworkSpec", "checkpoint_form", "convert_prelu", "default_emb_size", "drop_unit_aux",
+__all__ = ["NET_KEYS", "network_options",
+           "NETWORKS", "NetworkSpec", "checkpoint_form", "convert_prelu", "default_emb_size", "drop_unit_aux",
            "fill_unit_aux",
            "get_stages", "get_symbol", "list_networks", "load_imagenet_params", "to_stock_graph"]

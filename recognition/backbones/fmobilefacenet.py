@@ -54,8 +54,12 @@ def residual(data, ctx: _Ctx, num_block: int, num_out: int, num_group: int, name
 
 
 def build(name: str, emb_size: int, prelu: str = "fast", blocks: Sequence[int] = None, bn_mom: float = 0.9,
-          act_type: str = "prelu") -> mx.sym.Symbol:
-    """Symbol from ``data`` (N, 3, 112, 112) to ``fc1_output`` (N, emb_size)."""
+          act_type: str = "prelu", head: str = "GDC") -> mx.sym.Symbol:
+    """Symbol from ``data`` (N, 3, 112, 112) to ``fc1_output`` (N, emb_size).
+
+    ``blocks``, ``head``, ``act_type``: insightface's ``net_blocks``, ``net_output``/``--version-output``,
+    ``net_act``. insightface's ``train_softmax.py`` passes ``--version-output E`` by default: an 'E' head on
+    ``conv_6sep`` (BN ``bn1`` over 512 x 7 x 7, Dropout, ``pre_fc1``), not the model zoo's GDC."""
     blocks = list(blocks or SPECS[name][0])
     if len(blocks) != 4:
         raise ToolkitError(f"network {name}: blocks needs 4 entries (got {blocks})")
@@ -73,7 +77,8 @@ def build(name: str, emb_size: int, prelu: str = "fast", blocks: Sequence[int] =
     body = depthwise_residual(body, ctx, 128, 512, (2, 2), "dconv_45")
     body = residual(body, ctx, blocks[3], 128, 256, "res_5")
     body = conv_unit(body, ctx, 512, "conv_6sep")
-    return embedding_head(body, emb_size, "GDC", in_channels=512, bn_mom=bn_mom)
+    return embedding_head(body, emb_size, head, in_channels=512, bn_mom=bn_mom, act_type=act_type,
+                          prelu_mode=prelu)
 
 
 def stages(name: str) -> List[Tuple[str, str]]:
@@ -84,5 +89,5 @@ def stages(name: str) -> List[Tuple[str, str]]:
         ("stage2", r"^(dconv_34|res_4)_"),
         ("stage3", r"^(dconv_45|res_5)_"),
         ("stage4", r"^conv_6sep_"),
-        ("embedding", r"^(conv_6dw7_7|pre_fc1|fc1)_"),
+        ("embedding", r"^(conv_6dw7_7|bn1|relu1|pre_fc1|fc1)_"),
     ]

@@ -71,28 +71,48 @@ def conv(data: mx.sym.Symbol, name: str, num_filter: int, kernel: Tuple[int, int
                               num_group=num_group, no_bias=True, name=name)
 
 
+# insightface symbol_utils.get_fc1 output kinds built here; 'Z' (no fc1 layer) and 'GNAP' are not
+HEADS = ("E", "GDC", "F", "G", "H", "I", "J", "GAP")
+
+
+def check_head(kind: str) -> str:
+    """Return ``kind`` when :func:`embedding_head` builds it, else a one-line :class:`ToolkitError` listing them."""
+    if kind not in HEADS:
+        raise ToolkitError(f"--version-output/net_output {kind!r}: not built here; supported: {', '.join(HEADS)}")
+    return kind
+
+
 def embedding_head(body: mx.sym.Symbol, emb_size: int, kind: str, in_channels: int = 512, bn_mom: float = 0.9,
-                   dropout: float = 0.4, gdc_group: int = 0) -> mx.sym.Symbol:
-    """insightface's output heads (``net_output``), all ending at the BatchNorm ``fc1`` (node ``fc1_output``).
+                   dropout: float = 0.4, gdc_group: int = 0, act_type: str = "prelu",
+                   prelu_mode: str = "fast") -> mx.sym.Symbol:
+    """insightface's output heads (``net_output`` / ``--version-output``), all ending at node ``fc1_output``.
 
-    Inputs: ``body`` (N, C, 7, 7). Outputs: (N, emb_size).
+    Inputs: ``body`` (N, C, H, W) (7x7 for 112x112 input). Outputs: (N, emb_size). Names as insightface's
+    ``symbol_utils.get_fc1``:
 
-    - ``'E'``: BN ``bn1`` -> Dropout -> FC ``pre_fc1`` -> BN ``fc1`` (fresnet).
+    - ``'E'``: BN ``bn1`` -> Dropout -> FC ``pre_fc1`` -> BN ``fc1`` (fresnet's default).
     - ``'GDC'``: global depthwise 7x7 ``conv_6dw7_7`` (+BN, no activation) -> FC ``pre_fc1`` -> BN ``fc1``
       (MobileFaceNet); ``gdc_group`` groups (default: one per output channel, ``in_channels`` outputs);
       its BN keeps MXNet's default eps 1e-3 as insightface's does (checked against ``model-y1-test2``).
-    - ``'J'``: FC ``pre_fc1`` -> BN ``fc1`` (vargfacenet, whose own block already pooled to 1x1).
-    The final BN has ``fix_gamma=True`` as in insightface.
+    - ``'F'``: BN ``bn1`` -> Dropout -> FC ``fc1``; ``'G'``: BN ``bn1`` -> FC ``fc1``; ``'H'``: FC ``fc1``.
+    - ``'I'``: BN ``bn1`` -> FC ``pre_fc1`` -> BN ``fc1``; ``'J'``: FC ``pre_fc1`` -> BN ``fc1`` (vargfacenet).
+    - ``'GAP'``: BN ``bn1`` -> activation ``relu1`` -> global average pool -> FC ``pre_fc1`` -> BN ``fc1``.
+    Every final BN has ``fix_gamma=True`` as in insightface.
     """
-    if kind == "E":
+    check_head(kind)
+    if kind in ("E", "F", "G", "I", "GAP"):
         body = batchnorm(body, "bn1", bn_mom=bn_mom)
-        if dropout > 0:
-            body = mx.sym.Dropout(data=body, p=dropout)
-    elif kind == "GDC":
+    if kind in ("E", "F") and dropout > 0:
+        body = mx.sym.Dropout(data=body, p=dropout)
+    if kind in ("F", "G", "H"):  # the FullyConnected itself is fc1
+        return mx.sym.FullyConnected(data=body, num_hidden=emb_size, name="fc1")
+    if kind == "GDC":
         groups = gdc_group or in_channels
         body = conv(body, "conv_6dw7_7_conv2d", in_channels, kernel=(7, 7), num_group=groups)
         body = batchnorm(body, "conv_6dw7_7_batchnorm", bn_mom=bn_mom, eps=MXNET_BN_EPS)
-    elif kind != "J":
-        raise ToolkitError(f"embedding head {kind!r}: unknown; choose one of E, GDC, J")
+    elif kind == "GAP":
+        body = act(body, "relu1", in_channels, act_type, prelu_mode)
+        body = mx.sym.Flatten(mx.sym.Pooling(data=body, global_pool=True, kernel=(7, 7), pool_type="avg",
+                                             name="pool1"))
     body = mx.sym.FullyConnected(data=body, num_hidden=emb_size, name="pre_fc1")
     return batchnorm(body, "fc1", fix_gamma=True, bn_mom=bn_mom)

@@ -168,9 +168,10 @@ ARCFACE = MarginObjective("arcface", 4, dict(margin_s=64.0, margin_m=0.5, margin
 COSFACE = MarginObjective("cosface", 2, dict(margin_s=64.0, margin_m=0.0, margin_a=1.0, margin_b=0.35),
                           legacy_margin_m="margin_b")
 COMBINED = MarginObjective("combined", 5, dict(margin_s=64.0, margin_a=1.0, margin_m=0.3, margin_b=0.2))
-# SphereFace: integer angle multiplier m1 = 4 (insightface loss_type 1 passes --margin 4 to its LSoftmax op; its
-# --margin-a flag is not used there).
-SPHEREFACE = MarginObjective("sphereface", 1, dict(margin_s=64.0, margin_a=4.0, margin_m=0.0, margin_b=0.0))
+# SphereFace: integer angle multiplier m1 = 4, normalised (s=64) with a fixed lambda. Not insightface's
+# train_softmax.py --loss-type 1, which is its unnormalised LSoftmax op with lambda annealing: that number is refused
+# (recognition.args.REFUSED_LOSS_TYPES) rather than mapped to something else.
+SPHEREFACE = MarginObjective("sphereface", None, dict(margin_s=64.0, margin_a=4.0, margin_m=0.0, margin_b=0.0))
 
 OBJECTIVES = (SOFTMAX, NSOFTMAX, ARCFACE, COSFACE, COMBINED, SPHEREFACE)
 
