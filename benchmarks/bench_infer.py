@@ -32,28 +32,11 @@ FIXTURE = os.path.join(ROOT, "..", "shared", "fixtures", "model-y1-test2", "mode
 
 def random_checkpoint(network: str, seed: int = 0):
     """``(stock embedding symbol, arg, aux)`` of a registry backbone with random weights and BN statistics."""
-    import mxnet as mx
-
-    from recognition.backbones import get_symbol
+    from recognition.backbones import get_symbol, random_params
     from recognition.backbones.fast_prelu import checkpoint_form
 
     sym = get_symbol(network)
-    rng = np.random.RandomState(seed)
-    arg_shapes, _, aux_shapes = sym.infer_shape(data=(1, 3, 112, 112))
-    arg, aux = {}, {}
-    for name, shape in zip(sym.list_arguments(), arg_shapes):
-        if name == "data":
-            continue
-        if name.endswith("_gamma"):
-            value = rng.uniform(0.3, 0.7, shape)
-        elif name.endswith(("_beta", "_bias")):
-            value = rng.normal(0, 0.1, shape)
-        else:
-            value = rng.normal(0, np.sqrt(2.0 / max(1, int(np.prod(shape[1:])))), shape)
-        arg[name] = mx.nd.array(value)
-    for name, shape in zip(sym.list_auxiliary_states(), aux_shapes):
-        value = rng.normal(0, 0.1, shape) if name.endswith("mean") else rng.uniform(0.5, 1.5, shape)
-        aux[name] = mx.nd.array(value)
+    arg, aux = random_params(sym, seed)
     return checkpoint_form(sym, arg, aux)
 
 

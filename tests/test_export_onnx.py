@@ -13,29 +13,11 @@ import mxnet as mx  # noqa: E402
 
 from deploy.export_onnx import compare_embeddings, export_onnx, main  # noqa: E402
 from deploy.onnx_fix import explicit_defaults, fix_onnx_model, honour_fix_gamma  # noqa: E402
+from recognition.backbones import random_params  # noqa: E402
 from recognition.common import ToolkitError, run_cli, save_checkpoint  # noqa: E402
 
 BIG_PARAMS = 30_000_000  # r34/r50/r100 take 30-60 s each to export and check here; IFR_TEST_BIG=1 includes them
 
-
-def random_params(sym, seed=0, data_shape=(1, 3, 112, 112)):
-    """Random but well-scaled parameters (BN gammas < 1 keep deep nets finite; stored gammas are never 1)."""
-    rng = np.random.RandomState(seed)
-    arg_shapes, _, aux_shapes = sym.infer_shape(data=data_shape)
-    arg, aux = {}, {}
-    for name, shape in zip(sym.list_arguments(), arg_shapes):
-        if name == "data":
-            continue
-        if name.endswith("_gamma"):
-            value = rng.uniform(0.3, 0.7, shape)
-        elif name.endswith(("_beta", "_bias")):
-            value = rng.normal(0, 0.1, shape)
-        else:
-            value = rng.normal(0, np.sqrt(2.0 / max(1, int(np.prod(shape[1:])))), shape)
-        arg[name] = mx.nd.array(value)
-    for name, shape in zip(sym.list_auxiliary_states(), aux_shapes):
-        aux[name] = mx.nd.array(rng.normal(0, 0.1, shape) if name.endswith("mean") else rng.uniform(0.5, 1.5, shape))
-    return arg, aux
 
 
 def mxnet_embed(sym, arg, aux, x):

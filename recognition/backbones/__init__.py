@@ -170,7 +170,31 @@ def load_imagenet_params(name: str):
     return gluon_zoo.load_imagenet_params(name)
 
 
-__all__ = ["NET_KEYS", "network_options",
+def random_params(sym, seed: int = 0, data_shape: Tuple[int, ...] = (1, 3, 112, 112)) -> Tuple[dict, dict]:
+    """Random but well-scaled ``(arg, aux)`` for ``sym`` (benchmarks and tests of untrained graphs): He-scaled
+    weights, BatchNorm gammas in [0.3, 0.7] (keeps deep nets finite; a stored gamma is never exactly 1), small
+    betas/biases and random statistics."""
+    import numpy as np
+
+    rng = np.random.RandomState(seed)
+    arg_shapes, _, aux_shapes = sym.infer_shape(data=data_shape)
+    arg, aux = {}, {}
+    for name, shape in zip(sym.list_arguments(), arg_shapes):
+        if name == "data":
+            continue
+        if name.endswith("_gamma"):
+            value = rng.uniform(0.3, 0.7, shape)
+        elif name.endswith(("_beta", "_bias")):
+            value = rng.normal(0, 0.1, shape)
+        else:
+            value = rng.normal(0, np.sqrt(2.0 / max(1, int(np.prod(shape[1:])))), shape)
+        arg[name] = mx.nd.array(value)
+    for name, shape in zip(sym.list_auxiliary_states(), aux_shapes):
+        aux[name] = mx.nd.array(rng.normal(0, 0.1, shape) if name.endswith("mean") else rng.uniform(0.5, 1.5, shape))
+    return arg, aux
+
+
+__all__ = ["NET_KEYS", "random_params", "network_options",
            "NETWORKS", "NetworkSpec", "checkpoint_form", "convert_prelu", "default_emb_size", "drop_unit_aux",
            "fill_unit_aux",
            "get_stages", "get_symbol", "list_networks", "load_imagenet_params", "to_stock_graph"]
