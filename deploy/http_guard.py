@@ -17,6 +17,12 @@ with a header deadline.
 seconds (slowloris: a byte every 5 s would otherwise hold it forever), and answers malformed HTTP (a negative
 ``Content-Length``, oversized headers) with a JSON 400 instead of uvicorn's plain text. Idle keep-alive connections
 are closed by uvicorn after ``timeout_keep_alive``. Every refusal is ``{"error": "..."}``.
+
+A refusal sent before the request body was all read (413, 408, a malformed request's 400) ends in a *lingering close*:
+the answer is flushed, the sending side is shut (FIN), and what the client still sends is read and thrown away for up
+to ``linger`` seconds before the socket is closed. Closing at once with unread bytes makes the kernel send a reset,
+which can destroy the answer in the client's receive queue before the client reads it (the client then sees
+"connection reset" instead of the 413). Nothing read while lingering is kept, so memory does not grow.
 """
 from __future__ import annotations
 
@@ -141,16 +147,71 @@ class Guard:
                 return b"".join(chunks)
 
 
+class _LingeringTransport:
+    """The socket transport as uvicorn sees it: ``close()`` while the request body is still arriving becomes a
+    lingering close (see the module docstring); everything else is the real transport's."""
+
+    def __init__(self, transport, protocol: "TimedH11Protocol"):
+        self._transport, self._protocol, self._lingering = transport, protocol, False
+
+    def __getattr__(self, name):
+        return getattr(self._transport, name)
+
+    def is_closing(self) -> bool:
+        return self._lingering or self._transport.is_closing()
+
+    def close(self) -> None:
+        if self._lingering or self._transport.is_closing():
+            return
+        if self._protocol.conn.their_state is h11.SEND_BODY:
+            self.linger_close()
+        else:
+            self._transport.close()
+
+    def linger_close(self) -> None:
+        """Flush the answer, shut the sending side and drop what still arrives for ``linger`` seconds, then close."""
+        if self._lingering or self._transport.is_closing():
+            return
+        if not self._transport.can_write_eof() or self._protocol.linger <= 0:
+            self._transport.close()
+            return
+        self._lingering = True
+        self._transport.write_eof()  # the answer is flushed first, then FIN
+        self._transport.resume_reading()  # uvicorn may have paused reads while its body buffer was full
+        self._protocol.start_lingering()
+
+
 class TimedH11Protocol(H11Protocol):
-    """uvicorn's h11 protocol with a deadline for request headers and JSON 400s (subclassed with
+    """uvicorn's h11 protocol with a deadline for request headers, JSON 400s and a lingering close (subclassed with
     ``header_timeout`` set, see :func:`protocol_with_header_timeout`)."""
 
     header_timeout = 10.0
+    linger = 2.0
 
     def connection_made(self, transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
-        self._header_timer = None
+        self._header_timer = self._linger_timer = None
+        super().connection_made(_LingeringTransport(transport, self))
         self._arm()
+
+    def start_lingering(self) -> None:
+        self._disarm()
+        self._linger_timer = self.loop.call_later(self.linger, self._end_lingering)
+
+    def _end_lingering(self) -> None:
+        self._linger_timer = None
+        self.transport._transport.close()
+
+    def data_received(self, data: bytes) -> None:
+        if self._linger_timer is not None:
+            return  # lingering: the rest of a refused body is read and dropped
+        super().data_received(data)
+
+    def eof_received(self):
+        if self._linger_timer is not None:
+            self._linger_timer.cancel()
+            self._end_lingering()  # the client has sent everything and read (or dropped) the answer
+            return None
+        return super().eof_received()
 
     def _arm(self) -> None:
         self._disarm()
@@ -180,6 +241,9 @@ class TimedH11Protocol(H11Protocol):
 
     def connection_lost(self, exc) -> None:
         self._disarm()
+        if self._linger_timer is not None:
+            self._linger_timer.cancel()
+            self._linger_timer = None
         super().connection_lost(exc)
 
     def send_400_response(self, msg: str) -> None:
@@ -191,7 +255,7 @@ class TimedH11Protocol(H11Protocol):
             self.transport.write(self.conn.send(h11.EndOfMessage()))
         except h11.LocalProtocolError:
             pass
-        self.transport.close()
+        self.transport.linger_close()  # a malformed request may still be sending its body
 
 
 def protocol_with_header_timeout(seconds: float) -> type:
