@@ -16,7 +16,7 @@ import numpy as np
 
 from recognition.checkpoint_graph import cut_at_embedding
 from recognition.common import ToolkitError, load_checkpoint, parse_ctx, parse_prefix_epoch
-from recognition.verification import BACKENDS, make_embedder
+from recognition.verification import BACKEND_HELP, BACKENDS, make_embedder
 
 ImageLike = Union[str, np.ndarray]
 
@@ -80,12 +80,13 @@ class FaceModel:
     resize : bool
         Resize other sizes to ``image_size`` instead of refusing them.
     backend : str
-        ``mxnet`` (default: BatchNorm folded, PReLU on MKLDNN operators; the fastest measured on CPU),
-        ``onnx`` (onnxruntime on the checked export) or ``mxnet-plain`` (the checkpoint's graph as it is).
+        ``auto`` (default: ``onnx`` on CPU when onnxruntime is installed, else ``mxnet``), ``onnx`` (onnxruntime on
+        the checked export; the fastest measured on CPU), ``mxnet`` (BatchNorm folded; for GPUs) or ``mxnet-plain``
+        (the checkpoint's graph as it is). ``self.backend`` is the engine chosen.
     """
 
     def __init__(self, prefix_epoch: str, ctx=None, image_size: Union[int, Sequence[int]] = 112, flip: bool = True,
-                 batch_size: int = 32, resize: bool = False, backend: str = "mxnet"):
+                 batch_size: int = 32, resize: bool = False, backend: str = "auto"):
         if isinstance(image_size, int):
             image_size = (image_size, image_size)
         self.image_size = (int(image_size[0]), int(image_size[1]))
@@ -97,9 +98,9 @@ class FaceModel:
         # With flip, originals and mirrors go through in one forward: bind twice the batch.
         bound = self.batch_size * (2 if self.flip else 1)
         symbol, arg_params, aux_params = load_checkpoint(prefix, epoch)
-        self.backend = backend
         self.embedder = make_embedder(cut_at_embedding(symbol, f"{prefix}-symbol.json"), arg_params, aux_params,
                                       ctx, bound, (3,) + self.image_size, backend)
+        self.backend = self.embedder.backend
 
     @property
     def embedding_size(self) -> int:
@@ -140,13 +141,11 @@ def add_model_args(parser) -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--no-flip", action="store_true", help="embed without the mirrored image")
     parser.add_argument("--resize", action="store_true", help="resize images that are not image-size squares")
-    parser.add_argument("--backend", default="mxnet", choices=BACKENDS,
-                        help="inference engine: mxnet (default, folded graph; fastest measured on CPU), onnx "
-                             "(onnxruntime on the checked export), mxnet-plain (the graph as it is)")
+    parser.add_argument("--backend", default="auto", choices=BACKENDS, help=BACKEND_HELP)
 
 
 def model_from_args(args) -> FaceModel:
     """Build a :class:`FaceModel` from :func:`add_model_args` flags."""
     return FaceModel(args.model, parse_ctx(args.ctx) if args.ctx else None, args.image_size,
                      flip=not args.no_flip, batch_size=args.batch_size, resize=args.resize,
-                     backend=getattr(args, "backend", "mxnet"))
+                     backend=getattr(args, "backend", "auto"))

@@ -181,6 +181,9 @@ def add_run_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--ckpt-embedding", type=_int01, default=None,
                    help="1: save the graph cut at fc1_output without fc7; 0: the full training graph")
     g.add_argument("--verbose", type=int, default=None, help="verify (and checkpoint) every N batches")
+    g.add_argument("--verify-backend", default=None, choices=("auto", "onnx", "mxnet", "mxnet-plain"),
+                   help="engine of that verification: auto (default: onnx on CPU when onnxruntime is installed, "
+                        "else mxnet), onnx, mxnet, mxnet-plain")
     g.add_argument("--frequent", type=int, default=None, help="log speed/loss/accuracy every N batches")
     g.add_argument("--seed", type=int, default=None, help="random seed")
     g.add_argument("--count-flops", action="store_true", default=None,

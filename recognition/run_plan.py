@@ -45,6 +45,15 @@ _NUMBERS = {
 }
 
 
+def _verify_backend(cfg) -> str:
+    from recognition.verification import BACKENDS
+
+    value = str(cfg.get("verify_backend") or "auto")
+    if value not in BACKENDS:
+        raise ToolkitError(f"--verify-backend {value!r}: choose one of {', '.join(BACKENDS)}")
+    return value
+
+
 def _range_text(low, low_ok: bool, high, high_ok: bool) -> str:
     if high is None:
         return f"{'>=' if low_ok else '>'} {low}"
@@ -302,6 +311,7 @@ class RunPlan:
     source_targets: Tuple[str, ...] = ()
     max_source_drop: Optional[float] = None
     stop_on_source_drop: bool = False
+    verify_backend: str = "auto"  # --verify-backend: the engine of verification during training
 
     @property
     def loss_cfg(self):
@@ -427,7 +437,8 @@ def prepare_run(cfg) -> RunPlan:
         ckpt_embedding=bool(int(cfg.ckpt_embedding)), keep=int(cfg.get("keep") or 0),
         sample_ratio=float(cfg.get("sample_ratio") or 1.0), network_options=MappingProxyType(net_options),
         count_flops=bool(cfg.get("count_flops")), source_targets=source_targets,
-        max_source_drop=max_source_drop, stop_on_source_drop=stop_on_source_drop)
+        max_source_drop=max_source_drop, stop_on_source_drop=stop_on_source_drop,
+        verify_backend=_verify_backend(cfg))
 
 
 def lr_at(step: int, base_lr: float, lr_steps: List[int], warmup_steps: int = 0) -> float:

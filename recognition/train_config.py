@@ -142,6 +142,7 @@ default.eval_pretrained = False
 default.source_targets = None  # comma list of --target names whose pretrained accuracy is watched ('kept')
 default.max_source_drop = None
 default.stop_on_source_drop = False
+default.verify_backend = "auto"  # engine of verification during training (recognition.verification.BACKENDS)
 # triplet refinement with offline mining (recognition.triplet_mining) and distillation (recognition.distill)
 default.mining_interval = 0
 default.bag_identities = 20

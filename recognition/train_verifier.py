@@ -16,10 +16,12 @@ class Verifier:
     ``__call__(embedding_symbol, arg, aux) -> {name: test_bin result}`` (``acc``, ``std``, ``xnorm``, ...).
     """
 
-    def __init__(self, paths: Sequence[str], ctx, batch_size: int = 32, image_size=(112, 112), nfolds: int = 10):
-        from recognition.verification import read_bin
+    def __init__(self, paths: Sequence[str], ctx, batch_size: int = 32, image_size=(112, 112), nfolds: int = 10,
+                 backend: str = "auto"):
+        from recognition.verification import read_bin, resolve_backend
 
         self.ctx, self.batch_size, self.nfolds = ctx, int(batch_size), int(nfolds)
+        self.backend = resolve_backend(backend, ctx)  # refuse a wrong choice before training starts
         self.image_size = tuple(image_size)
         self._embed, self._key = None, None
         self.sets = {}
@@ -31,16 +33,17 @@ class Verifier:
         return bool(self.sets)
 
     def __call__(self, embedding_symbol, arg_params: dict, aux_params: dict) -> Dict[str, dict]:
-        from recognition.verification import Embedder, test_bin
+        from recognition.verification import make_embedder, test_bin
 
         if not self.sets:
             return {}
         # bind once per graph and only load new parameters each round: a new executor per round cost a bind and
-        # a ~180 MB memory peak each time (benchmarks/soak.py, verification every 10 steps: max RSS 921 -> 737 MB)
+        # a ~180 MB memory peak each time (benchmarks/soak.py, verification every 10 steps: max RSS 921 -> 737 MB).
+        # The onnx backend re-exports the graph with the round's parameters (under a second for y1).
         key = symbol_json(embedding_symbol)
         if self._embed is None or self._key != key:
-            self._embed = Embedder(embedding_symbol, arg_params, aux_params, ctx=self.ctx,
-                                   batch_size=self.batch_size, data_shape=(3,) + self.image_size)
+            self._embed = make_embedder(embedding_symbol, arg_params, aux_params, self.ctx, self.batch_size,
+                                        (3,) + self.image_size, self.backend)
             self._key = key
         else:
             self._embed.set_params(arg_params, aux_params)

@@ -123,7 +123,8 @@ class Trainer:
         self._build_graph()
         self._build_data()
         self.verifier = Verifier(plan.targets if self.rank == 0 else [], self.ctx[0],
-                                    batch_size=min(64, plan.per_batch_size), image_size=plan.image_size)
+                                    batch_size=min(64, plan.per_batch_size), image_size=plan.image_size,
+                                    backend=plan.verify_backend)
         if plan.resume:
             self._restore(plan.resume)
         # the flat configuration, with "network" saying what was really built (a checkpoint's own graph is not the

@@ -123,7 +123,7 @@ def test_training_graph_with_bn_prelu_embeds_like_its_checkpoint():
 def test_unknown_backend_is_one_line():
     sym = conv_bn_prelu_fc_bn()
     arg, aux = random_params(sym)
-    with pytest.raises(ToolkitError, match="--backend 'tensorrt': choose one of mxnet, onnx, mxnet-plain"):
+    with pytest.raises(ToolkitError, match="--backend 'tensorrt': choose one of auto, onnx, mxnet, mxnet-plain"):
         make_embedder(sym, arg, aux, backend="tensorrt")
 
 
@@ -180,3 +180,33 @@ def test_backend_flag_reaches_face_model(tmp_path):
     assert min_cosine(a, b) > 1 - 1e-5
     with pytest.raises(SystemExit):
         p.parse_args(["--model", "m,0", "--backend", "tvm"])
+
+
+def test_auto_backend_prefers_onnx_on_cpu_and_falls_back_to_mxnet(monkeypatch, caplog):
+    import deploy.onnx_embed as onnx_embed
+    import recognition.verification as V
+
+    sym = conv_bn_prelu_fc_bn()
+    arg, aux = random_params(sym)
+    x = np.random.RandomState(3).uniform(0, 255, (3, 3, 112, 112)).astype(np.float32)
+    ref = plain_embed(sym, arg, aux, x)
+    if V.onnx_available():
+        emb = make_embedder(sym, arg, aux, batch_size=2)
+        assert emb.backend == "onnx" and isinstance(emb, onnx_embed.OnnxEmbedder)
+        assert min_cosine(emb(x), ref) > 1 - 1e-5
+
+    def refuse(*a, **k):
+        raise ToolkitError("the exported graph is not valid ONNX even after repair: test")
+
+    monkeypatch.setattr(V, "onnx_available", lambda: True)
+    monkeypatch.setattr(onnx_embed, "OnnxEmbedder", refuse)
+    with caplog.at_level("WARNING", logger="recognition"):
+        emb = make_embedder(sym, arg, aux, batch_size=2)  # auto: a graph onnx cannot take runs on mxnet
+    assert emb.backend == "mxnet" and isinstance(emb, Embedder)
+    assert "--backend auto: onnx unavailable for this graph (the exported graph is not valid ONNX" in caplog.text
+    assert min_cosine(emb(x), ref) > 1 - 1e-5
+    with pytest.raises(ToolkitError, match="not valid ONNX even after repair"):
+        make_embedder(sym, arg, aux, batch_size=2, backend="onnx")  # asked for explicitly: the error stands
+    monkeypatch.setattr(V, "onnx_available", lambda: False)
+    assert V.resolve_backend("auto", mx.cpu()) == "mxnet"
+    assert V.resolve_backend("auto", [mx.cpu(0), mx.gpu(0)]) == "mxnet"

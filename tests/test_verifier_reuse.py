@@ -1,9 +1,11 @@
 """Training-time verification binds once and reloads parameters: results equal a fresh bind with the same params."""
 import mxnet as mx
 import numpy as np
+import pytest
 
 from recognition.backbones import get_symbol
 from recognition.callbacks import Verifier
+from recognition.common import ToolkitError
 
 
 def _params(sym, seed):
@@ -18,17 +20,43 @@ def _params(sym, seed):
 def test_verifier_reuses_its_module_and_matches_a_fresh_bind(tiny_data):
     sym = get_symbol("tiny", prelu="stock")
     first, second = _params(sym, 0), _params(sym, 1)
-    reused = Verifier(tiny_data["bins"], ctx=mx.cpu(), batch_size=16)
+    reused = Verifier(tiny_data["bins"], ctx=mx.cpu(), batch_size=16, backend="mxnet")
     reused(sym, *first)
     module = reused._embed.module
     got = reused(sym, *second)
     assert reused._embed.module is module  # no new executor for the second round
-    want = Verifier(tiny_data["bins"], ctx=mx.cpu(), batch_size=16)(sym, *second)
+    want = Verifier(tiny_data["bins"], ctx=mx.cpu(), batch_size=16, backend="mxnet")(sym, *second)
     for name in want:
         assert got[name]["acc"] == want[name]["acc"] and got[name]["xnorm"] == want[name]["xnorm"]
         np.testing.assert_array_equal(got[name]["embeddings"], want[name]["embeddings"])
-    other = Verifier(tiny_data["bins"], ctx=mx.cpu(), batch_size=16)(sym, *first)
+    other = Verifier(tiny_data["bins"], ctx=mx.cpu(), batch_size=16, backend="mxnet")(sym, *first)
     assert any(other[n]["xnorm"] != got[n]["xnorm"] for n in got)  # the params really changed the result
+
+
+def test_onnx_verifier_reexports_each_round_and_matches_mxnet(tiny_data):
+    """The default engine on CPU (onnx when onnxruntime is installed) keeps one embedder, loads each round's
+    parameters by re-exporting, and verifies like the MXNet engine: embeddings within 1e-5 cosine, same accuracy."""
+    pytest.importorskip("onnxruntime")
+    sym = get_symbol("tiny", prelu="stock")
+    first, second = _params(sym, 0), _params(sym, 1)
+    onnx_v = Verifier(tiny_data["bins"], ctx=mx.cpu(), batch_size=16)
+    assert onnx_v.backend == "onnx"
+    onnx_v(sym, *first)
+    embedder = onnx_v._embed
+    got = onnx_v(sym, *second)
+    assert onnx_v._embed is embedder and embedder.backend == "onnx"
+    want = Verifier(tiny_data["bins"], ctx=mx.cpu(), batch_size=16, backend="mxnet")(sym, *second)
+    for name in want:
+        a, b = got[name]["embeddings"], want[name]["embeddings"]
+        cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+        assert cos.min() > 1 - 1e-5
+        assert got[name]["acc"] == want[name]["acc"]
+
+
+def test_verify_backend_is_checked_before_training():
+    with pytest.raises(ToolkitError, match="runs on CPU"):
+        Verifier([], ctx=mx.gpu(0), backend="onnx")
+    assert Verifier([], ctx=mx.gpu(0)).backend == "mxnet"  # auto on a GPU: the MXNet graph
 
 
 def test_embedder_small_batches_use_shared_bindings_and_follow_set_params():

@@ -173,7 +173,7 @@ def load_imagenet_params(name: str):
 def random_params(sym, seed: int = 0, data_shape: Tuple[int, ...] = (1, 3, 112, 112)) -> Tuple[dict, dict]:
     """Random but well-scaled ``(arg, aux)`` for ``sym`` (benchmarks and tests of untrained graphs): He-scaled
     weights, BatchNorm gammas in [0.3, 0.7] (keeps deep nets finite; a stored gamma is never exactly 1), small
-    betas/biases and random statistics."""
+    betas/biases and random statistics (the fast PReLU's constant states stay 0 and 1)."""
     import numpy as np
 
     rng = np.random.RandomState(seed)
@@ -191,7 +191,9 @@ def random_params(sym, seed: int = 0, data_shape: Tuple[int, ...] = (1, 3, 112, 
         arg[name] = mx.nd.array(value)
     for name, shape in zip(sym.list_auxiliary_states(), aux_shapes):
         aux[name] = mx.nd.array(rng.normal(0, 0.1, shape) if name.endswith("mean") else rng.uniform(0.5, 1.5, shape))
-    return arg, aux
+    # the fast PReLU's BatchNorm states are constants (0 and 1), never statistics: random ones would make a graph
+    # that is no PReLU at all (and disagree with its stock form and every export)
+    return arg, fill_unit_aux(sym, drop_unit_aux(aux))
 
 
 __all__ = ["NET_KEYS", "random_params", "network_options",
