@@ -103,7 +103,8 @@ def verify(model: str, bins: Sequence[str], flip: bool, cache: Optional[dict] = 
             emb = np.concatenate([embed(np.ascontiguousarray(images[i:i + 32], np.float32))
                                   for i in range(0, len(images), 32)])
             res = evaluate(_l2n(emb), issame)
-        out[b] = {"acc": float(res["acc"]), "std": float(res["std"]), "seconds": round(time.time() - t0, 1)}
+        out[b] = {"acc": float(res["acc"]), "std": float(res["std"]), "seconds": round(time.time() - t0, 1),
+                  "folds": [round(float(a), 6) for a in res["fold_acc"]]}
     return out
 
 
@@ -137,19 +138,29 @@ def run_cell(strategy: str, dom: Dict[str, str], src_bin: str, r: dict, pretrain
         rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
     if rc != 0:
         raise ToolkitError(f"{strategy} (seed {seed}) failed with exit {rc}; see {run_dir}/stdout.log")
-    epochs = sorted(int(f[len("model-"):-len(".params")]) for f in os.listdir(run_dir)
-                    if f.startswith("model-") and f.endswith(".params"))
-    if not epochs:
-        raise ToolkitError(f"{strategy} (seed {seed}): no checkpoint in {run_dir}")
-    v = verify(f"{os.path.join(run_dir, 'model')},{epochs[-1]}", sorted({dom["target"], src_bin}), flip, bins)
+    v = verify(_final_checkpoint(run_dir, f"{strategy} (seed {seed})"), sorted({dom["target"], src_bin}), flip, bins)
     tgt, src = v[dom["target"]], v[src_bin]
     return dict(target_acc=tgt["acc"], target_std=tgt["std"], source_acc=src["acc"], source_std=src["std"],
-                **_loss_summary(run_dir))
+                target_folds=tgt["folds"], source_folds=src["folds"], **_loss_summary(run_dir))
+
+
+def _final_checkpoint(run_dir: str, what: str) -> str:
+    epochs = sorted(int(f[len("model-"):-len(".params")]) for f in os.listdir(run_dir)
+                    if f.startswith("model-") and f.endswith(".params")) if os.path.isdir(run_dir) else []
+    if not epochs:
+        raise ToolkitError(f"{what}: no checkpoint in {run_dir}")
+    return f"{os.path.join(run_dir, 'model')},{epochs[-1]}"
+
+
+def refold(run_dir: str, dom: Dict[str, str], src_bin: str, flip: bool, bins: dict) -> dict:
+    """Per-fold accuracies of a cell finished by an older version (``--add-folds``): its checkpoint verified again."""
+    v = verify(_final_checkpoint(run_dir, run_dir), sorted({dom["target"], src_bin}), flip, bins)
+    return {"target_folds": v[dom["target"]]["folds"], "source_folds": v[src_bin]["folds"]}
 
 
 def baseline(pretrained: str, bins: Sequence[str], flip: bool, cache: dict, images: dict) -> Dict[str, dict]:
     """Verification of the untouched checkpoint on ``bins`` (cached in ``cache`` by path and flip)."""
-    todo = [b for b in bins if f"{b}|flip={flip}" not in cache]
+    todo = [b for b in bins if "folds" not in cache.get(f"{b}|flip={flip}", {})]  # entries of older versions: redo
     if todo:
         for b, res in verify(pretrained, todo, flip, images).items():
             cache[f"{b}|flip={flip}"] = res
@@ -197,6 +208,7 @@ def summarise(results: dict, rid: str, domains: Sequence[str], strategies: Seque
                 row["gain"] = row["target_acc"] - base["target_acc"]
                 row["kept"] = row["source_acc"] - base["source_acc"]
                 row["gain_in_stds"] = row["gain"] / max(1e-9, base["target_std"])
+                row.update(paired_gain(base, cells))
             for k in ("loss_first", "loss_end_of_head", "loss_last", "loss_max"):
                 vals = [c[k] for c in cells if c.get(k) is not None]
                 if vals:
@@ -205,19 +217,32 @@ def summarise(results: dict, rid: str, domains: Sequence[str], strategies: Seque
     return rows
 
 
+def paired_gain(base: dict, cells: List[dict]) -> dict:
+    """The gain judged fold by fold: the adapted and the untouched model are scored on the same 10 folds, so the
+    per-fold gains (averaged over seeds) have a spread of their own, usually far below either model's fold std.
+    ``paired_t`` = mean gain / standard error of the per-fold gains (> 3: a gain well clear of fold noise)."""
+    folds = [c["target_folds"] for c in cells if c.get("target_folds")]
+    if not folds or not base.get("target_folds"):
+        return {}
+    diff = np.mean(np.asarray(folds, float), axis=0) - np.asarray(base["target_folds"], float)
+    sd = float(np.std(diff, ddof=1)) if len(diff) > 1 else 0.0
+    return {"fold_gain_std": sd, "paired_t": float(np.mean(diff) / max(1e-9, sd / np.sqrt(len(diff))))}
+
+
 def format_table(rows: List[dict]) -> str:
     head = (f"{'domain':<12}{'strategy':<19}{'seeds':>5}{'target':>8}{'+-std':>7}{'gain':>8}{'(stds)':>7}"
-            f"{'source':>8}{'+-std':>7}{'kept':>8}{'probe':>7}{'loss 1st/end':>14}{'sec':>6}")
+            f"{'paired t':>9}{'source':>8}{'+-std':>7}{'kept':>8}{'probe':>7}{'loss 1st/end':>14}{'sec':>6}")
     out = [head]
     for r in rows:
         g = f"{r['gain']:+.4f}" if "gain" in r else "-"
         gs = f"{r['gain_in_stds']:+.1f}" if "gain_in_stds" in r else "-"
+        pt = f"{r['paired_t']:+.1f}" if "paired_t" in r else "-"
         kept = f"{r['kept']:+.4f}" if "kept" in r else "-"
         probe = f"{r['probe_acc']:.3f}" if r.get("probe_acc") is not None else "-"
         loss = f"{r['loss_first']:.2f}/{r['loss_last']:.2f}" if "loss_first" in r else "-"
         sec = f"{r['seconds']:.0f}" if r.get("seconds") is not None else "-"
         out.append(f"{domain_slug(r['domain']):<12}{r['strategy']:<19}{r['seeds']:>5}{r['target_acc']:>8.4f}"
-                   f"{r['target_std']:>7.4f}{g:>8}{gs:>7}{r['source_acc']:>8.4f}{r['source_std']:>7.4f}{kept:>8}"
+                   f"{r['target_std']:>7.4f}{g:>8}{gs:>7}{pt:>9}{r['source_acc']:>8.4f}{r['source_std']:>7.4f}{kept:>8}"
                    f"{probe:>7}{loss:>14}{sec:>6}")
     return "\n".join(out)
 
@@ -281,6 +306,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--distill-loss", default="cosine", choices=("mse", "cosine", "both"))
     ap.add_argument("--no-flip", dest="flip", action="store_false",
                     help="verify on the images alone, not flip-summed (half the forward passes; a busy CPU)")
+    ap.add_argument("--add-folds", action="store_true",
+                    help="verify again the checkpoints of finished cells that lack per-fold accuracies (older "
+                         "versions), for the paired t column")
     ap.add_argument("--report-only", action="store_true", help="print the table of finished cells; train nothing")
     args = ap.parse_args(argv)
     from recognition.common import setup_logging
@@ -306,12 +334,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     doms = {spec: prepare_domain(args.data, spec, args.out, args.data_seed) for spec in domains}
     for spec, dom in ([] if args.report_only else doms.items()):  # the untouched model first: every gain needs it
         key0 = f"{rid}|{spec}|none|-"
-        if key0 not in results["cells"]:
+        if "target_folds" not in results["cells"].get(key0, {}):
             base = baseline(args.pretrained, sorted({dom["target"], src_bin}), args.flip, results["baseline"],
                             bin_images)
             tb, sb = base[dom["target"]], base[src_bin]
             results["cells"][key0] = dict(target_acc=tb["acc"], target_std=tb["std"], source_acc=sb["acc"],
-                                          source_std=sb["std"])
+                                          source_std=sb["std"], target_folds=tb["folds"], source_folds=sb["folds"])
             _save(path, results)
     # strategy-major order: the first strategy's cells over every seed and domain finish first (a partial run
     # already answers "does this recipe work everywhere"), the comparisons follow
@@ -319,7 +347,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for seed in seeds:
             for spec, dom in doms.items():
                 key = f"{rid}|{spec}|{s}|{seed}"
-                if s == "none" or key in results["cells"]:
+                if s == "none":
+                    continue
+                if key in results["cells"]:
+                    if args.add_folds and s != "probe" and "target_folds" not in results["cells"][key]:
+                        run_dir = os.path.join(args.out, "runs", rid, domain_slug(spec), f"{s}-seed{seed}")
+                        results["cells"][key].update(refold(run_dir, dom, src_bin, args.flip, bin_images))
+                        _save(path, results)
                     continue
                 t0 = time.time()
                 if s == "probe":

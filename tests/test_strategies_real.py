@@ -4,6 +4,7 @@ import importlib.util
 import json
 import os
 
+import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -52,6 +53,26 @@ def test_summary_is_the_cells_arithmetic(sr):
     assert two["gain"] == pytest.approx(0.04) and two["kept"] == pytest.approx(-0.01)
     assert two["gain_in_stds"] == pytest.approx(2.0) and two["seed_spread"] == pytest.approx(0.02)
     assert "two-stage" in sr.format_table(rows) and sr.domain_slug("lowres@0.9+jpeg") == "lowres0.9+jpeg"
+
+
+def test_paired_gain_is_judged_fold_by_fold(sr):
+    """The t statistic of the per-fold gains (seed-averaged), computed here by hand."""
+    base = [0.80, 0.90, 0.85, 0.95, 0.70, 0.88, 0.92, 0.81, 0.86, 0.83]
+    seed0 = [b + 0.03 for b in base]
+    seed1 = [b + d for b, d in zip(base, [0.01, 0.05, 0.03, 0.03, 0.01, 0.05, 0.02, 0.04, 0.03, 0.03])]
+    cells = {"r|lowres|none|-": dict(target_acc=np.mean(base), target_std=np.std(base), source_acc=0.99,
+                                     source_std=0.01, target_folds=base),
+             "r|lowres|two-stage|0": dict(target_acc=np.mean(seed0), target_std=0.05, source_acc=0.99, source_std=0.01,
+                                          target_folds=seed0),
+             "r|lowres|two-stage|1": dict(target_acc=np.mean(seed1), target_std=0.05, source_acc=0.99, source_std=0.01,
+                                          target_folds=seed1)}
+    row = sr.summarise({"cells": cells}, "r", ["lowres"], ["none", "two-stage"])[1]
+    diff = [(0.03 + d) / 2 for d in [0.01, 0.05, 0.03, 0.03, 0.01, 0.05, 0.02, 0.04, 0.03, 0.03]]
+    mean, sd = sum(diff) / 10, (sum((x - sum(diff) / 10) ** 2 for x in diff) / 9) ** 0.5
+    assert row["gain"] == pytest.approx(0.03) and row["fold_gain_std"] == pytest.approx(sd)
+    assert row["paired_t"] == pytest.approx(mean / (sd / 10 ** 0.5))
+    assert row["gain_in_stds"] < 1 < 3 < row["paired_t"]  # a gain inside either model's fold std, clear fold by fold
+    assert "paired t" in sr.format_table([row]) and f"{row['paired_t']:+.1f}" in sr.format_table([row])
 
 
 def test_two_runs_merge_their_cells(sr, tmp_path):
