@@ -2,12 +2,15 @@
 embedding graph on each, bound once per graph."""
 from __future__ import annotations
 
+import logging
 import os
 from typing import Dict, Sequence
 
 import numpy as np
 
 from recognition.common import symbol_json
+
+logger = logging.getLogger("recognition")
 
 
 class Verifier:
@@ -44,6 +47,7 @@ class Verifier:
         if self._embed is None or self._key != key:
             self._embed = make_embedder(embedding_symbol, arg_params, aux_params, self.ctx, self.batch_size,
                                         (3,) + self.image_size, self.backend)
+            logger.info("verification engine: %s (--verify-backend)", self._embed.backend)
             self._key = key
         else:
             self._embed.set_params(arg_params, aux_params)
