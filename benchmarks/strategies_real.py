@@ -230,7 +230,8 @@ def paired_gain(base: dict, cells: List[dict]) -> dict:
 
 
 def format_table(rows: List[dict]) -> str:
-    head = (f"{'domain':<12}{'strategy':<19}{'seeds':>5}{'target':>8}{'+-std':>7}{'gain':>8}{'(stds)':>7}"
+    w = max([12] + [len(domain_slug(r["domain"])) + 2 for r in rows])  # a chained shift names a longer domain
+    head = (f"{'domain':<{w}}{'strategy':<19}{'seeds':>5}{'target':>8}{'+-std':>7}{'gain':>8}{'(stds)':>7}"
             f"{'paired t':>9}{'source':>8}{'+-std':>7}{'kept':>8}{'probe':>7}{'loss 1st/end':>14}{'sec':>6}")
     out = [head]
     for r in rows:
@@ -241,7 +242,7 @@ def format_table(rows: List[dict]) -> str:
         probe = f"{r['probe_acc']:.3f}" if r.get("probe_acc") is not None else "-"
         loss = f"{r['loss_first']:.2f}/{r['loss_last']:.2f}" if "loss_first" in r else "-"
         sec = f"{r['seconds']:.0f}" if r.get("seconds") is not None else "-"
-        out.append(f"{domain_slug(r['domain']):<12}{r['strategy']:<19}{r['seeds']:>5}{r['target_acc']:>8.4f}"
+        out.append(f"{domain_slug(r['domain']):<{w}}{r['strategy']:<19}{r['seeds']:>5}{r['target_acc']:>8.4f}"
                    f"{r['target_std']:>7.4f}{g:>8}{gs:>7}{pt:>9}{r['source_acc']:>8.4f}{r['source_std']:>7.4f}{kept:>8}"
                    f"{probe:>7}{loss:>14}{sec:>6}")
     return "\n".join(out)
