@@ -24,7 +24,9 @@ class Verifier:
         from recognition.verification import read_bin, resolve_backend
 
         self.ctx, self.batch_size, self.nfolds = ctx, int(batch_size), int(nfolds)
-        self.backend = resolve_backend(backend, ctx)  # refuse a wrong choice before training starts
+        # a wrong choice is refused before training starts; ``backend`` is what "auto" means here, while the embedder
+        # is built from the request, so that auto can still fall back to MXNet for a graph ONNX cannot take
+        self.backend, self._requested = resolve_backend(backend, ctx), backend
         self.image_size = tuple(image_size)
         self._embed, self._key = None, None
         self.sets = {}
@@ -46,7 +48,7 @@ class Verifier:
         key = symbol_json(embedding_symbol)
         if self._embed is None or self._key != key:
             self._embed = make_embedder(embedding_symbol, arg_params, aux_params, self.ctx, self.batch_size,
-                                        (3,) + self.image_size, self.backend)
+                                        (3,) + self.image_size, self._requested)
             logger.info("verification engine: %s (--verify-backend)", self._embed.backend)
             self._key = key
         else:

@@ -82,3 +82,23 @@ def test_embedder_small_batches_use_shared_bindings_and_follow_set_params():
     want = Embedder(sym, *second, ctx=mx.cpu(), batch_size=64)(x[:3])
     np.testing.assert_allclose(np.stack([emb(x[i:i + 1])[0] for i in range(3)]), want, rtol=1e-4, atol=1e-4)
     assert np.abs(want - ref[:3]).max() > 1e-2  # the new parameters really changed the embeddings
+
+
+def test_auto_verifier_falls_back_to_mxnet_when_the_export_fails(tiny_data, monkeypatch):
+    """Training must not stop because a graph cannot be exported: under auto the round runs on MXNet."""
+    import deploy.onnx_embed as onnx_embed
+    import recognition.verification as V
+
+    def refuse(*a, **k):
+        raise ToolkitError("the exported graph is not valid ONNX even after repair: test")
+
+    monkeypatch.setattr(V, "onnx_available", lambda: True)
+    monkeypatch.setattr(onnx_embed, "OnnxEmbedder", refuse)
+    sym = get_symbol("tiny", prelu="stock")
+    params = _params(sym, 0)
+    auto = Verifier(tiny_data["bins"], ctx=mx.cpu(), batch_size=16)
+    got = auto(sym, *params)
+    assert auto._embed.backend == "mxnet"
+    want = Verifier(tiny_data["bins"], ctx=mx.cpu(), batch_size=16, backend="mxnet")(sym, *params)
+    for name in want:
+        np.testing.assert_array_equal(got[name]["embeddings"], want[name]["embeddings"])
