@@ -32,6 +32,8 @@ class OnnxEmbedder:
     Inputs: float32 (N, C, H, W) RGB 0-255, any N (run ``batch_size`` at a time). Outputs: float32 (N, E).
     """
 
+    backend = "onnx"
+
     def __init__(self, symbol, arg_params: dict, aux_params: dict, batch_size: int = 32,
                  data_shape: Sequence[int] = (3, 112, 112), threads: Optional[int] = None, check: bool = True,
                  opset: int = 13):

@@ -11,6 +11,7 @@ from typing import Dict, Optional
 
 from recognition import objectives
 from recognition.common import ToolkitError
+from recognition.verification import BACKENDS
 
 # insightface src/train_softmax.py --loss-type numbers -> loss names, from the objectives registry (see its
 # get_symbol): 0 softmax, 1 SphereFace, 2 CosFace, 4 ArcFace, 5 combined, 12 triplet, 13 angular triplet.
@@ -181,7 +182,7 @@ def add_run_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--ckpt-embedding", type=_int01, default=None,
                    help="1: save the graph cut at fc1_output without fc7; 0: the full training graph")
     g.add_argument("--verbose", type=int, default=None, help="verify (and checkpoint) every N batches")
-    g.add_argument("--verify-backend", default=None, choices=("auto", "onnx", "mxnet", "mxnet-plain"),
+    g.add_argument("--verify-backend", default=None, choices=BACKENDS,
                    help="engine of that verification: auto (default: onnx on CPU when onnxruntime is installed, "
                         "else mxnet), onnx, mxnet, mxnet-plain")
     g.add_argument("--frequent", type=int, default=None, help="log speed/loss/accuracy every N batches")

@@ -121,6 +121,11 @@ class Embedder:
             self.graph = InferenceGraph(symbol, self.data_shape)
         self._bind()
 
+    @property
+    def backend(self) -> str:
+        """The engine, as ``--backend`` names it: ``mxnet`` (the inference form) or ``mxnet-plain``."""
+        return "mxnet" if self.graph is not None else "mxnet-plain"
+
     def _bound_params(self, arg_params: dict, aux_params: dict) -> Tuple[dict, dict]:
         return self.graph.params(arg_params, aux_params) if self.graph is not None else (arg_params, aux_params)
 
@@ -235,18 +240,13 @@ def make_embedder(symbol, arg_params: dict, aux_params: dict, ctx=None, batch_si
         from deploy.onnx_embed import OnnxEmbedder
 
         try:
-            emb = OnnxEmbedder(symbol, arg_params, aux_params, batch_size, data_shape)
+            return OnnxEmbedder(symbol, arg_params, aux_params, batch_size, data_shape)
         except ToolkitError as exc:
             if backend != "auto":
                 raise
             logger.warning("--backend auto: onnx unavailable for this graph (%s); using mxnet", exc)
             chosen = "mxnet"
-        else:
-            emb.backend = "onnx"
-            return emb
-    emb = Embedder(symbol, arg_params, aux_params, ctx, batch_size, data_shape, optimize=chosen == "mxnet")
-    emb.backend = chosen
-    return emb
+    return Embedder(symbol, arg_params, aux_params, ctx, batch_size, data_shape, optimize=chosen == "mxnet")
 
 
 # ----------------------------------------------------------------------------------------------------- maths
