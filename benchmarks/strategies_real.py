@@ -15,6 +15,8 @@ Strategies (every trained one gets the same step budget, an imprinted fc7, ArcFa
 - ``full``: everything from the first step (backbone at lr x 1).
 - ``two-stage+distill``: ``two-stage`` plus a cosine distillation of the embedding towards the starting checkpoint
   itself (``--teacher`` = the pretrained model, ``--distill-weight``), so that the source domain is kept.
+- ``frozen-stages:K``: ``two-stage`` with the first K backbone stages held (``--frozen-stages K``): the last
+  stage(s) + embedding adapt, what ``recognition/advise.py`` proposed for small & different data.
 
 Every figure is insightface's 10-fold verification (flip-summed) with its fold std. Each finished cell is written to
 ``OUT/results.json`` at once; a rerun with the same settings skips finished cells (partial results survive). The
@@ -26,6 +28,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -64,18 +67,29 @@ def prepare_domain(data: str, spec: str, out: str, seed: int) -> Dict[str, str]:
     return {"train": folder, "target": target}
 
 
+def frozen_stages_of(strategy: str) -> Optional[int]:
+    """K of ``frozen-stages:K``, else None."""
+    m = re.fullmatch(r"frozen-stages:(\d+)", strategy)
+    return int(m.group(1)) if m else None
+
+
 def train_flags(strategy: str, r: dict, pretrained: str) -> List[str]:
     """``recognition/train.py`` flags of one strategy under recipe ``r`` (besides data, targets, seed, prefix)."""
     steps = int(r["steps"])
     head = max(1, int(round(steps * r["head_frac"])))
     f = r["head_lr_factor"]
-    stages = {"head": f"head:{steps}@{f:g}", "two-stage": f"head:{head}@{f:g},all:{steps - head}",
-              "full": f"all:{steps}", "two-stage+distill": f"head:{head}@{f:g},all:{steps - head}"}[strategy]
+    frozen = frozen_stages_of(strategy)
+    two_stage = f"head:{head}@{f:g},all:{steps - head}"
+    stages = two_stage if frozen is not None else {
+        "head": f"head:{steps}@{f:g}", "two-stage": two_stage, "full": f"all:{steps}",
+        "two-stage+distill": two_stage}[strategy]
     flags = ["--pretrained", pretrained, "--loss", "arcface", "--set", f"margin_s={r['margin_s']:g}",
              "--set", f"margin_m={r['margin_m']:g}", "--fc7-init", "imprint", "--stages", stages,
              "--per-batch-size", str(r["per_batch_size"]), "--lr", f"{r['lr']:g}", "--wd", f"{r['wd']:g}",
              "--backbone-lr-mult", f"{1.0 if strategy == 'full' else r['backbone_lr_mult']:g}",
              "--bn-mode", r["bn_mode"]]
+    if frozen is not None:
+        flags += ["--frozen-stages", str(frozen)]
     if strategy == "two-stage+distill":
         flags += ["--teacher", pretrained, "--distill-loss", r["distill_loss"],
                   "--distill-weight", f"{r['distill_weight']:g}"]
@@ -290,7 +304,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--domains", default="lowres@0.8,mask@0.7,none",
                     help="comma-separated shift specs (datasets.shift; 'none' = unshifted)")
     ap.add_argument("--strategies", default="two-stage,head,full,two-stage+distill,probe",
-                    help="run in this order (each over every seed and domain); 'none' is always measured")
+                    help="run in this order (each over every seed and domain); 'none' is always measured; "
+                         "frozen-stages:K is two-stage with the first K backbone stages held")
     ap.add_argument("--seeds", default="0,1", help="training seeds (the shifted data use --data-seed)")
     ap.add_argument("--data-seed", type=int, default=0, help="seed of the shifted copies")
     ap.add_argument("--steps", type=int, default=120, help="batches per trained strategy (equal budgets)")
@@ -316,9 +331,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     setup_logging()
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
-    bad = [s for s in strategies if s not in STRATEGIES]
+    bad = [s for s in strategies if s not in STRATEGIES and frozen_stages_of(s) is None]
     if bad:
-        raise ToolkitError(f"--strategies: unknown {', '.join(bad)}; choose from {', '.join(STRATEGIES)}")
+        raise ToolkitError(f"--strategies: unknown {', '.join(bad)}; choose from {', '.join(STRATEGIES)} or "
+                           "frozen-stages:K")
     domains = [d.strip() for d in args.domains.split(",") if d.strip()]
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     src_bin = os.path.join(args.data, "val.bin")

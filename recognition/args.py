@@ -142,7 +142,8 @@ def add_finetune_args(parser: argparse.ArgumentParser) -> None:
                    help="factor on the scheduled lr during the --freeze-steps head stage (default 1.0 = as scheduled)")
     g.add_argument("--stages", default=None,
                    help='stage plan, e.g. "head:500,all:2000"; NAME:N@F runs a stage at F x the scheduled lr, e.g. '
-                        '"head:500@0.1,all:2000" (an imprinted classifier wants a small head-stage lr)')
+                        '"head:500@0.1,all:2000" (an imprinted classifier wants a small head-stage lr); NAME:Xep '
+                        'counts X passes over the data instead of steps, e.g. "head:1ep@0.1,all:3ep"')
     g.add_argument("--stage-warmup", type=int, default=None,
                    help="ramp the lr linearly over the first N batches of every stage after the first: the "
                         "unfrozen backbone starts gently instead of at full lr")

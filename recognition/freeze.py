@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 from recognition.checkpoint_graph import is_input
 from recognition.common import ToolkitError, symbol_graph
@@ -100,12 +100,37 @@ def _lr_factor(text: str, where: str) -> float:
     return f
 
 
-def parse_stages(freeze_steps: int = 0, stages: Optional[str] = None, head_lr_mult: float = 1.0) -> List[Stage]:
+def _stage_length(text: str, name: str, stages: str, epoch_steps: Optional[Callable[[], int]]) -> int:
+    """Batches of one stage: ``N`` as is, ``Xep`` as X passes over the data (at least 1 batch)."""
+    if text.lower().endswith("ep"):
+        try:
+            passes = float(text[:-2])
+        except ValueError:
+            passes = float("nan")
+        if not (passes > 0 and passes != float("inf")):
+            raise ToolkitError(f"--stages {stages!r}: {text!r} of {name!r}: passes over the data must be a number > 0 "
+                               "(e.g. head:1ep,all:3ep)")
+        if epoch_steps is None:
+            raise ToolkitError(f"--stages {stages!r}: {text!r} of {name!r} counts passes over the data, which is not "
+                               "known here; give a step count")
+        return max(1, int(round(passes * epoch_steps())))
+    try:
+        return int(text)
+    except ValueError:
+        raise ToolkitError(f"--stages {stages!r}: step count {text!r} of {name!r} is not an integer (or Xep: X "
+                           "passes over the data)") from None
+
+
+def parse_stages(freeze_steps: int = 0, stages: Optional[str] = None, head_lr_mult: float = 1.0,
+                 epoch_steps: Optional[Callable[[], int]] = None) -> List[Stage]:
     """``--stages "head:500,all:2000"`` or ``--freeze-steps N`` (-> ``[head:N, all:None]``) to a list of Stage.
 
     The last stage may omit its length (``head:500,all``): it runs to the end. Without either flag: ``[all:None]``.
     ``NAME:N@F`` runs the stage at F x the scheduled lr (``head:500@0.1,all``); ``head_lr_mult``
-    (``--head-lr-mult``) is F of the head stage of ``--freeze-steps``.
+    (``--head-lr-mult``) is F of the head stage of ``--freeze-steps``. A length may be given in passes over the
+    data, ``NAME:Xep`` (``head:1ep@0.1,all:3ep``; X may be fractional): ``epoch_steps()`` gives the batches of one
+    pass and the stage gets ``max(1, round(X x epoch_steps()))`` batches. Real faces are why (README "On real
+    faces"): the gain of a fine-tune depends on how often it sees the data, not on a step count.
     """
     if stages and freeze_steps:
         raise ToolkitError("--stages and --freeze-steps are alternatives: give one of them")
@@ -133,11 +158,7 @@ def parse_stages(freeze_steps: int = 0, stages: Optional[str] = None, head_lr_mu
                                    "may run to the end)")
             out.append(Stage(name, None, mult))
             continue
-        try:
-            n = int(steps)
-        except ValueError:
-            raise ToolkitError(f"--stages {stages!r}: step count {steps.strip()!r} of {name!r} is not an integer") \
-                from None
+        n = _stage_length(steps.strip(), name, stages, epoch_steps)
         if n <= 0:
             raise ToolkitError(f"--stages {stages!r}: step count of {name!r} must be positive, got {n}")
         out.append(Stage(name, n, mult))

@@ -350,6 +350,26 @@ class RunPlan:
         return _stage_lr(step, self.lr, self.warmup_steps, self.stage_warmup, self.stages, self.lr_steps)
 
 
+def epoch_steps(cfg, data_dir: str, batch_size: int, kvstore: str = "device") -> int:
+    """Batches in one pass over ``data_dir/train.rec`` at ``batch_size`` per worker (``--stages NAME:Xep``): the
+    images the iterator keeps (``--images-filter``) over the global batch (x ``DMLC_NUM_WORKER`` workers under a
+    dist kvstore), at least 1. Logged, so the step counts of ``Xep`` stages can be checked."""
+    import numpy as np
+
+    from recognition.rec import RecordReader
+
+    with RecordReader(os.path.join(data_dir, "train.rec")) as reader:
+        labels = reader.labels().astype(np.int64)
+    keep = int(cfg.get("data_images_filter") or 0)
+    if keep > 0 and len(labels):
+        labels = labels[np.bincount(labels)[labels] >= keep]
+    workers = int(os.environ.get("DMLC_NUM_WORKER", "1")) if kvstore.startswith("dist") else 1
+    steps = max(1, len(labels) // (batch_size * workers))
+    logger.info("one pass over the data: %d images / batch %d%s = %d steps (--stages Xep)", len(labels), batch_size,
+                f" x {workers} workers" if workers > 1 else "", steps)
+    return steps
+
+
 def prepare_run(cfg) -> RunPlan:
     """Validate ``cfg`` (flat config from :func:`recognition.train_config.resolve_config`) before any compute and
     return the run's :class:`RunPlan` (every flag, file and device checked)."""
@@ -383,7 +403,8 @@ def prepare_run(cfg) -> RunPlan:
                            f"{os.path.join(data_dir, 'property')} says {num_classes}")
     targets = _resolve_targets(cfg, data_dir)
     source_targets, max_source_drop, stop_on_source_drop = _source_watch(cfg, targets)
-    stages = parse_stages(int(cfg.get("freeze_steps") or 0), cfg.get("stages"), cfg.get("head_lr_mult"))
+    stages = parse_stages(int(cfg.get("freeze_steps") or 0), cfg.get("stages"), cfg.get("head_lr_mult"),
+                          lambda: epoch_steps(cfg, data_dir, int(cfg.per_batch_size) * len(ctx), kvstore))
     _warn_frozen_bn(cfg, stages)
     lr_steps = _scale_lr_steps(_parse_lr_steps(cfg.lr_steps), cfg.get("lr_steps_batch"),
                                int(cfg.per_batch_size) * len(ctx))

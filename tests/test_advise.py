@@ -160,7 +160,8 @@ def test_advise_small_data_and_command_parses(tiny_ckpt, small_data):
         assert args.target == "synth_val" and args.per_batch_size == 8
         assert args.emb_size == 128  # the checkpoint's width: train.py must not re-create the embedding layer
         assert args.lr == (0.1 if expected == 4 else 0.01)
-        assert args.frozen_stages == (4 if expected == 3 else None)  # tiny: stem, stage1-4 -> train stage4 + head
+        assert args.frozen_stages is None  # holding early stages gained nothing on real faces (see advise.py)
+        assert (stages[0].steps, stages[1].steps) == (20, 100)  # 4 steps a pass here: the floors of 20 and 100
         assert args.backbone_lr_mult == (0.1 if expected in (2, 3) else None)
         assert args.bn_mode == ("frozen" if expected in (2, 3) else None)
         assert stages[0].lr_mult == 0.1 and stages[1].lr_mult == 1.0  # imprinted head at 0.1x (real faces)

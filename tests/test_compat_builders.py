@@ -248,3 +248,30 @@ def test_python_m_recognition_verification_takes_insightfaces_call(tiny_data, tm
     assert "Max of" not in capsys.readouterr().out  # this toolkit's own call keeps its own report
     with pytest.raises(SystemExit):
         verification.main(["--mod", prefix + ",1", "--target", "x.bin"])  # no abbreviations
+
+
+def test_stages_in_passes_count_the_images_the_iterator_keeps(tmp_path, monkeypatch, tiny_data):
+    """``--stages head:Xep`` -> batches from the rec's image count: kept by --images-filter, over the global batch
+    (x DMLC_NUM_WORKER under a dist kvstore); the plan carries plain step counts."""
+    import cv2
+
+    from recognition.freeze import Stage
+    from recognition.rec import write_dataset
+    from recognition.run_plan import epoch_steps, prepare_run
+
+    jpg = cv2.imencode(".jpg", np.full((112, 112, 3), 128, np.uint8))[1].tobytes()
+    sizes = [5, 3, 10]  # 18 images; identities with >= 5 images keep 15
+    d = str(tmp_path / "uneven")
+    write_dataset(d, [(c, jpg) for c, n in enumerate(sizes) for _ in range(n)])
+    assert epoch_steps(resolve_config({}), d, 4) == 18 // 4
+    assert epoch_steps(resolve_config({"data_images_filter": 5}), d, 4) == 15 // 4
+    assert epoch_steps(resolve_config({}), d, 64) == 1  # fewer images than a batch: still one step
+    monkeypatch.setenv("DMLC_NUM_WORKER", "2")
+    assert epoch_steps(resolve_config({}), d, 4, "dist_sync") == 18 // 8
+    assert epoch_steps(resolve_config({}), d, 4, "device") == 18 // 4  # a local kvstore has one worker
+    monkeypatch.delenv("DMLC_NUM_WORKER")
+    # end to end through the run plan: tiny_data holds 12 x 8 = 96 images, batch 8 -> 12 steps a pass
+    plan = prepare_run(resolve_config({"network": "y1", "data_dir": os.path.dirname(tiny_data["rec"]),
+                                       "per_batch_size": 8, "stages": "head:0.5ep@0.1,all:2ep"}))
+    assert list(plan.stages) == [Stage("head", 6, 0.1), Stage("all", 24)]
+    assert plan.max_total == 30

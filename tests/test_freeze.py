@@ -74,7 +74,29 @@ def test_parse_stages():
     assert parse_stages(freeze_steps=4, head_lr_mult=None)[0].lr_mult == 1.0
 
 
+def test_parse_stages_in_passes_over_the_data():
+    calls = []
+
+    def epoch_steps():
+        calls.append(1)
+        return 40
+
+    assert parse_stages(stages="head:1ep@0.1,all:3ep", epoch_steps=epoch_steps) == [Stage("head", 40, 0.1),
+                                                                                    Stage("all", 120)]
+    # fractions round to whole batches (at least one); steps and passes mix; the last stage may still be open
+    assert parse_stages(stages="head:0.25ep,stage3+:10,all:2.5EP", epoch_steps=lambda: 9) == [
+        Stage("head", 2), Stage("stage3+", 10), Stage("all", 22)]
+    assert parse_stages(stages="head:0.001ep,all", epoch_steps=lambda: 9) == [Stage("head", 1), Stage("all", None)]
+    calls.clear()
+    parse_stages(stages="head:5,all:7", epoch_steps=epoch_steps)
+    assert not calls  # the data is only counted when a stage is given in passes
+
+
 @pytest.mark.parametrize("kwargs, message", [
+    ({"stages": "head:1ep,all"}, r"'1ep' of 'head' counts passes over the data, which is not known here"),
+    ({"stages": "head:xep,all", "epoch_steps": lambda: 3}, r"'xep' of 'head': passes over the data must be a number"),
+    ({"stages": "head:-1ep,all", "epoch_steps": lambda: 3}, r"'-1ep' of 'head': passes over the data must be a "),
+    ({"stages": "head:infep,all", "epoch_steps": lambda: 3}, r"'infep' of 'head': passes over the data must be a "),
     ({"stages": "head500"}, r"bad stage 'head500'"),
     ({"stages": "head:x,all"}, r"step count 'x' of 'head' is not an integer"),
     ({"stages": "head:0,all"}, r"step count of 'head' must be positive, got 0"),

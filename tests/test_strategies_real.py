@@ -40,7 +40,15 @@ def test_flags_parse_and_budgets_are_equal(sr):
     assert seen["full"][1].backbone_lr_mult == 1.0 and seen["two-stage"][1].backbone_lr_mult == 0.1
     d = seen["two-stage+distill"][1]
     assert d.teacher == "m/model,0" and d.distill_loss == "cosine" and d.distill_weight == 1.0
-    assert seen["two-stage"][1].teacher is None
+    assert seen["two-stage"][1].teacher is None and seen["two-stage"][1].frozen_stages is None
+    # frozen-stages:K = two-stage with the first K backbone stages held (the advisor's old small & different recipe)
+    args = build_argparser().parse_args(sr.train_flags("frozen-stages:4", RECIPE, "m/model,0") + ["--data-dir", "d"])
+    assert args.frozen_stages == 4 and parse_stages(0, args.stages) == seen["two-stage"][0]
+    assert args.backbone_lr_mult == 0.1 and args.teacher is None
+    assert sr.frozen_stages_of("frozen-stages:12") == 12 and sr.frozen_stages_of("frozen-stages:") is None
+    with pytest.raises(sr.ToolkitError, match=r"--strategies: unknown frozen-stages:x; choose from .* or "
+                                              r"frozen-stages:K"):
+        sr.main(["--strategies", "frozen-stages:x", "--report-only"])
 
 
 def test_summary_is_the_cells_arithmetic(sr):
