@@ -54,7 +54,8 @@ recipe_finetune() {
   # The budget is in passes over DATA_DIR (HEAD_STEPS/ALL_STEPS take steps or Xep): 1 + 3 passes. On real faces the
   # gain grew up to about 4 passes and stopped there, while 12 passes cost the unshifted pairs 1.9 points; a fixed
   # 2,000 + 20,000 steps (the old default) is hundreds of passes over a few thousand images. SOURCE_TARGETS=lfw
-  # (names in TARGETS) warns, and stops the run, when those lose more than MAX_SOURCE_DROP (0.005) of accuracy.
+  # (names in TARGETS) warns, and stops the run, when those lose more than MAX_SOURCE_DROP (0.005) of accuracy,
+  # checked at each verification round: VERBOSE=1ep verifies once a pass (the default, 1000 steps, suits big data).
   : "${PRETRAINED:?set PRETRAINED=PREFIX,EPOCH}" "${DATA_DIR:?set DATA_DIR=folder with train.rec/property}"
   local LOSS=${LOSS:-arcface} HEAD=${HEAD_STEPS:-1ep} ALL=${ALL_STEPS:-3ep}
   $PY recognition/train.py --loss "$LOSS" --data-dir "$DATA_DIR" ${TARGETS:+--target "$TARGETS"} \

@@ -182,7 +182,8 @@ def add_run_args(parser: argparse.ArgumentParser) -> None:
                         "0 or unset: keep all)")
     g.add_argument("--ckpt-embedding", type=_int01, default=None,
                    help="1: save the graph cut at fc1_output without fc7; 0: the full training graph")
-    g.add_argument("--verbose", type=int, default=None, help="verify (and checkpoint) every N batches")
+    g.add_argument("--verbose", default=None,
+                   help="verify (and checkpoint) every N batches, or every X passes over the data with Xep (1ep)")
     g.add_argument("--verify-backend", default=None, choices=BACKENDS,
                    help="engine of that verification: auto (default: onnx on CPU when onnxruntime is installed, "
                         "else mxnet), onnx, mxnet, mxnet-plain")

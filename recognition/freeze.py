@@ -100,25 +100,25 @@ def _lr_factor(text: str, where: str) -> float:
     return f
 
 
-def _stage_length(text: str, name: str, stages: str, epoch_steps: Optional[Callable[[], int]]) -> int:
-    """Batches of one stage: ``N`` as is, ``Xep`` as X passes over the data (at least 1 batch)."""
+def steps_or_passes(text: str, where: str, epoch_steps: Optional[Callable[[], int]], example: str) -> int:
+    """A length in batches: ``N`` as is, ``Xep`` as X passes over the data (``epoch_steps()`` batches each; at
+    least 1 batch). ``where`` starts each error line (``--stages '...': 'xep' of 'head'``)."""
+    text = str(text).strip()
     if text.lower().endswith("ep"):
         try:
             passes = float(text[:-2])
         except ValueError:
             passes = float("nan")
         if not (passes > 0 and passes != float("inf")):
-            raise ToolkitError(f"--stages {stages!r}: {text!r} of {name!r}: passes over the data must be a number > 0 "
-                               "(e.g. head:1ep,all:3ep)")
+            raise ToolkitError(f"{where}: passes over the data must be a number > 0 (e.g. {example})")
         if epoch_steps is None:
-            raise ToolkitError(f"--stages {stages!r}: {text!r} of {name!r} counts passes over the data, which is not "
-                               "known here; give a step count")
+            raise ToolkitError(f"{where} counts passes over the data, which is not known here; give a step count")
         return max(1, int(round(passes * epoch_steps())))
     try:
         return int(text)
     except ValueError:
-        raise ToolkitError(f"--stages {stages!r}: step count {text!r} of {name!r} is not an integer (or Xep: X "
-                           "passes over the data)") from None
+        raise ToolkitError(f"{where}: is not an integer step count (or Xep: X passes over the data, e.g. "
+                           f"{example})") from None
 
 
 def parse_stages(freeze_steps: int = 0, stages: Optional[str] = None, head_lr_mult: float = 1.0,
@@ -158,7 +158,8 @@ def parse_stages(freeze_steps: int = 0, stages: Optional[str] = None, head_lr_mu
                                    "may run to the end)")
             out.append(Stage(name, None, mult))
             continue
-        n = _stage_length(steps.strip(), name, stages, epoch_steps)
+        n = steps_or_passes(steps, f"--stages {stages!r}: {steps.strip()!r} of {name!r}", epoch_steps,
+                            "head:1ep,all:3ep")
         if n <= 0:
             raise ToolkitError(f"--stages {stages!r}: step count of {name!r} must be positive, got {n}")
         out.append(Stage(name, n, mult))

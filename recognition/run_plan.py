@@ -350,6 +350,17 @@ class RunPlan:
         return _stage_lr(step, self.lr, self.warmup_steps, self.stage_warmup, self.stages, self.lr_steps)
 
 
+def _once(fn):
+    """``fn`` called at most once (a pass over the data is counted once for --stages and --verbose)."""
+    memo: List[Any] = []
+
+    def call():
+        if not memo:
+            memo.append(fn())
+        return memo[0]
+    return call
+
+
 def epoch_steps(cfg, data_dir: str, batch_size: int, kvstore: str = "device") -> int:
     """Batches in one pass over ``data_dir/train.rec`` at ``batch_size`` per worker (``--stages NAME:Xep``): the
     images the iterator keeps (``--images-filter``) over the global batch (x ``DMLC_NUM_WORKER`` workers under a
@@ -365,7 +376,7 @@ def epoch_steps(cfg, data_dir: str, batch_size: int, kvstore: str = "device") ->
         labels = labels[np.bincount(labels)[labels] >= keep]
     workers = int(os.environ.get("DMLC_NUM_WORKER", "1")) if kvstore.startswith("dist") else 1
     steps = max(1, len(labels) // (batch_size * workers))
-    logger.info("one pass over the data: %d images / batch %d%s = %d steps (--stages Xep)", len(labels), batch_size,
+    logger.info("one pass over the data: %d images / batch %d%s = %d steps (Xep lengths)", len(labels), batch_size,
                 f" x {workers} workers" if workers > 1 else "", steps)
     return steps
 
@@ -378,7 +389,14 @@ def prepare_run(cfg) -> RunPlan:
 
     ctx = tuple(parse_ctx(cfg.get("ctx")))
     kvstore = check_kvstore(cfg.get("kvstore") or "device")
-    check_numbers(cfg)  # types, finiteness and ranges of every numeric flag, before anything is written
+    verbose = cfg.get("verbose")  # N batches, or "Xep" (passes over the data: counted once data_dir is known)
+    in_passes = isinstance(verbose, str) and verbose.strip().lower().endswith("ep")
+    if isinstance(verbose, str) and not in_passes:
+        from recognition.freeze import steps_or_passes
+
+        verbose = steps_or_passes(verbose, f"--verbose {verbose!r}", None, "1ep")
+    check_numbers({**cfg, "verbose": None if in_passes else verbose})  # types, finiteness and ranges of every
+    # numeric flag, before anything is written
     if cfg.lr is None:
         raise ToolkitError("--lr: not set")
     image_size = tuple(int(v) for v in cfg.image_size)
@@ -403,8 +421,12 @@ def prepare_run(cfg) -> RunPlan:
                            f"{os.path.join(data_dir, 'property')} says {num_classes}")
     targets = _resolve_targets(cfg, data_dir)
     source_targets, max_source_drop, stop_on_source_drop = _source_watch(cfg, targets)
-    stages = parse_stages(int(cfg.get("freeze_steps") or 0), cfg.get("stages"), cfg.get("head_lr_mult"),
-                          lambda: epoch_steps(cfg, data_dir, int(cfg.per_batch_size) * len(ctx), kvstore))
+    pass_steps = _once(lambda: epoch_steps(cfg, data_dir, int(cfg.per_batch_size) * len(ctx), kvstore))
+    stages = parse_stages(int(cfg.get("freeze_steps") or 0), cfg.get("stages"), cfg.get("head_lr_mult"), pass_steps)
+    if in_passes:
+        from recognition.freeze import steps_or_passes
+
+        verbose = steps_or_passes(verbose, f"--verbose {verbose!r}", pass_steps, "1ep")
     _warn_frozen_bn(cfg, stages)
     lr_steps = _scale_lr_steps(_parse_lr_steps(cfg.lr_steps), cfg.get("lr_steps_batch"),
                                int(cfg.per_batch_size) * len(ctx))
@@ -454,7 +476,7 @@ def prepare_run(cfg) -> RunPlan:
         data_cutoff=int(cfg.get("data_cutoff") or 0), data_augment=_check_augment(cfg.get("data_augment")),
         data_color=float(cfg.get("data_color") or 0),
         data_images_filter=int(cfg.get("data_images_filter") or 0), num_workers=int(cfg.num_workers),
-        seed=int(cfg.get("seed") or 0), frequent=int(cfg.frequent), verbose=int(cfg.verbose), ckpt=int(cfg.ckpt),
+        seed=int(cfg.get("seed") or 0), frequent=int(cfg.frequent), verbose=int(verbose), ckpt=int(cfg.ckpt),
         ckpt_embedding=bool(int(cfg.ckpt_embedding)), keep=int(cfg.get("keep") or 0),
         sample_ratio=float(cfg.get("sample_ratio") or 1.0), network_options=MappingProxyType(net_options),
         count_flops=bool(cfg.get("count_flops")), source_targets=source_targets,

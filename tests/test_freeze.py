@@ -98,7 +98,7 @@ def test_parse_stages_in_passes_over_the_data():
     ({"stages": "head:-1ep,all", "epoch_steps": lambda: 3}, r"'-1ep' of 'head': passes over the data must be a "),
     ({"stages": "head:infep,all", "epoch_steps": lambda: 3}, r"'infep' of 'head': passes over the data must be a "),
     ({"stages": "head500"}, r"bad stage 'head500'"),
-    ({"stages": "head:x,all"}, r"step count 'x' of 'head' is not an integer"),
+    ({"stages": "head:x,all"}, r"'x' of 'head': is not an integer step count"),
     ({"stages": "head:0,all"}, r"step count of 'head' must be positive, got 0"),
     ({"stages": "body:5,all"}, r"bad stage 'body:5'"),
     ({"stages": "head,all:5"}, r"stage 'head' needs a step count"),

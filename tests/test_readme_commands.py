@@ -51,10 +51,9 @@ COMMANDS = {
     "bash run.sh demo": Run(env={"PRE_STEPS": "6", "HEAD_STEPS": "2", "ALL_STEPS": "3"}, check="demo"),
     "ruff check . && python -m pytest -q tests": Skip("the test suite itself (it would run this test again)"),
     "python recognition/train.py --pretrained ../models/model-y1-test2/model,0 --data-dir ../datasets/mine "
-    "--loss arcface --target lfw,mine_val --fc7-init imprint --stages head:2000@0.1,all:20000 --lr 0.01 "
-    "--backbone-lr-mult 0.1 --bn-mode frozen --eval-pretrained --ckpt-embedding 1":
-        Run(replace={"head:2000@0.1,all:20000": "head:1@0.1,all:1"}, append=" --per-batch-size 8 --verbose 2",
-            check="finetune"),
+    "--loss arcface --target lfw,mine_val --fc7-init imprint --stages head:1ep@0.1,all:3ep --lr 0.01 "
+    "--backbone-lr-mult 0.1 --bn-mode frozen --eval-pretrained --source-targets lfw --max-source-drop 0.005":
+        Run(append=" --per-batch-size 8 --verbose 100", check="finetune"),  # as written: 36 images, 4 + 12 steps
     "python recognition/advise.py --pretrained ../models/model-y1-test2/model,0 --data ../datasets/mine": Run(),
     "python recognition/train.py --network r100 --loss arcface --data-dir ../datasets/faces_emore "
     "--target lfw,cfp_fp,agedb_30 --per-batch-size 128 --lr 0.1 --lr-steps 100000,160000,220000":
@@ -254,6 +253,8 @@ def _check(kind: Optional[str], w, out: subprocess.CompletedProcess) -> None:
             built = json.load(f)["built"]
         assert built["network"].startswith("checkpoint graph of ../models/model-y1-test2/model")
         assert "verification before/after" in out.stderr
+        assert "one pass over the data: 36 images / batch 8 = 4 steps" in out.stderr
+        assert "finished at step 16" in out.stdout + out.stderr  # head:1ep + all:3ep
     elif kind == "slim":
         assert os.path.isfile(clone / "models" / "run" / "models-0000.params")
     elif kind == "roc":
