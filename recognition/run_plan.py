@@ -312,6 +312,7 @@ class RunPlan:
     max_source_drop: Optional[float] = None
     stop_on_source_drop: bool = False
     verify_backend: str = "auto"  # --verify-backend: the engine of verification during training
+    pass_steps: Optional[int] = None  # batches in one pass over the data, when a length was given as Xep
 
     @property
     def loss_cfg(self):
@@ -351,20 +352,20 @@ class RunPlan:
 
 
 def _once(fn):
-    """``fn`` called at most once (a pass over the data is counted once for --stages and --verbose)."""
-    memo: List[Any] = []
-
+    """``fn`` called at most once (a pass over the data is counted once for --stages and --verbose); ``.memo``
+    holds the result once called."""
     def call():
-        if not memo:
-            memo.append(fn())
-        return memo[0]
+        if not call.memo:
+            call.memo.append(fn())
+        return call.memo[0]
+    call.memo = []
     return call
 
 
 def epoch_steps(cfg, data_dir: str, batch_size: int, kvstore: str = "device") -> int:
     """Batches in one pass over ``data_dir/train.rec`` at ``batch_size`` per worker (``--stages NAME:Xep``): the
     images the iterator keeps (``--images-filter``) over the global batch (x ``DMLC_NUM_WORKER`` workers under a
-    dist kvstore), at least 1. Logged, so the step counts of ``Xep`` stages can be checked."""
+    dist kvstore), at least 1. The plan keeps it (``pass_steps``) and the trainer logs it with the stages."""
     import numpy as np
 
     from recognition.rec import RecordReader
@@ -375,10 +376,7 @@ def epoch_steps(cfg, data_dir: str, batch_size: int, kvstore: str = "device") ->
     if keep > 0 and len(labels):
         labels = labels[np.bincount(labels)[labels] >= keep]
     workers = int(os.environ.get("DMLC_NUM_WORKER", "1")) if kvstore.startswith("dist") else 1
-    steps = max(1, len(labels) // (batch_size * workers))
-    logger.info("one pass over the data: %d images / batch %d%s = %d steps (Xep lengths)", len(labels), batch_size,
-                f" x {workers} workers" if workers > 1 else "", steps)
-    return steps
+    return max(1, len(labels) // (batch_size * workers))
 
 
 def prepare_run(cfg) -> RunPlan:
@@ -481,7 +479,7 @@ def prepare_run(cfg) -> RunPlan:
         sample_ratio=float(cfg.get("sample_ratio") or 1.0), network_options=MappingProxyType(net_options),
         count_flops=bool(cfg.get("count_flops")), source_targets=source_targets,
         max_source_drop=max_source_drop, stop_on_source_drop=stop_on_source_drop,
-        verify_backend=_verify_backend(cfg))
+        verify_backend=_verify_backend(cfg), pass_steps=pass_steps.memo[0] if pass_steps.memo else None)
 
 
 def lr_at(step: int, base_lr: float, lr_steps: List[int], warmup_steps: int = 0) -> float:

@@ -471,9 +471,10 @@ class Trainer:
                 self.before = {k: float(r["acc"]) for k, r in self._verify(*synced_params(self.module)).items()}
         window = Window(plan.batch_size)
         end_epoch = plan.end_epoch
-        logger.info("training %s: batch %d on %d device(s), %s", plan.prefix, plan.batch_size, len(self.ctx),
+        logger.info("training %s: batch %d on %d device(s), %s%s", plan.prefix, plan.batch_size, len(self.ctx),
                     ", ".join(f"{s.name}:{s.steps or 'end'}" + (f"@{s.lr_mult:g}" if s.lr_mult != 1.0 else "")
-                              for s in plan.stages))
+                              for s in plan.stages),
+                    f" (one pass over the data = {plan.pass_steps} steps)" if plan.pass_steps else "")
         t0 = time.time()
         while (plan.max_total is None or self.step < plan.max_total) and not self._stop:
             idx = stage_at(plan.stages, self.step)[0]

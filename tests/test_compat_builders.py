@@ -274,11 +274,12 @@ def test_stages_in_passes_count_the_images_the_iterator_keeps(tmp_path, monkeypa
     plan = prepare_run(resolve_config({"network": "y1", "data_dir": os.path.dirname(tiny_data["rec"]),
                                        "per_batch_size": 8, "stages": "head:0.5ep@0.1,all:2ep"}))
     assert list(plan.stages) == [Stage("head", 6, 0.1), Stage("all", 24)]
-    assert plan.max_total == 30 and plan.verbose == 2000  # the configured default
+    assert plan.max_total == 30 and plan.verbose == 2000 and plan.pass_steps == 12  # verbose: the default
     # --verbose in passes too (a verification round per pass); a plain number still works, as text or int
     base = {"network": "y1", "data_dir": os.path.dirname(tiny_data["rec"]), "per_batch_size": 8}
     assert prepare_run(resolve_config({**base, "verbose": "0.5ep"})).verbose == 6
     assert prepare_run(resolve_config({**base, "verbose": "25"})).verbose == 25
+    assert prepare_run(resolve_config(base)).pass_steps is None  # nothing in passes: the data is not counted
     assert prepare_run(resolve_config({**base, "verbose": 7})).verbose == 7
     with pytest.raises(ToolkitError, match=r"^--verbose 'often': is not an integer step count \(or Xep"):
         prepare_run(resolve_config({**base, "verbose": "often"}))

@@ -253,7 +253,7 @@ def _check(kind: Optional[str], w, out: subprocess.CompletedProcess) -> None:
             built = json.load(f)["built"]
         assert built["network"].startswith("checkpoint graph of ../models/model-y1-test2/model")
         assert "verification before/after" in out.stderr
-        assert "one pass over the data: 36 images / batch 8 = 4 steps" in out.stderr
+        assert "head:4@0.1, all:12 (one pass over the data = 4 steps)" in out.stderr  # 36 images / batch 8
         assert "finished at step 16" in out.stdout + out.stderr  # head:1ep + all:3ep
     elif kind == "slim":
         assert os.path.isfile(clone / "models" / "run" / "models-0000.params")
