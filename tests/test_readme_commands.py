@@ -111,6 +111,15 @@ COMMANDS = {
     "python -m datasets.tools shift --src data/mine --out data/mine_lowres --kind lowres@0.9 --seed 0": Run(),
     "SHARED=../shared bash run.sh strategies-real --no-flip --steps 80 --per-batch-size 32 --bn-mode frozen":
         Skip("hours of training on real faces; tests/test_strategies_real.py checks its flags and arithmetic"),
+    "PRETRAINED=../shared/fixtures/model-y1-test2/model,0 DATA_DIR=OUT/data/lowres0.9 "
+    "TARGETS=OUT/data/lowres0.9/lowres0.9_val.bin,../shared/real/lfw_dev/val.bin SOURCE_TARGETS=val VERBOSE=1ep "
+    "bash run.sh finetune --seed 0":
+        Run(replace={"../shared/fixtures/model-y1-test2": "../models/model-y1-test2",
+                     "OUT/data/lowres0.9 ": "{W}/datasets/mine ",
+                     "OUT/data/lowres0.9/lowres0.9_val.bin,../shared/real/lfw_dev/val.bin SOURCE_TARGETS=val":
+                     "lfw,mine_val SOURCE_TARGETS=lfw",
+                     "bash run.sh": "PER_BATCH_SIZE=8 MAX_SOURCE_DROP=1 MODELS_ROOT={W}/runs_sh bash run.sh"},
+            check="run_sh_finetune"),  # run.sh finetune's defaults as they are, on the 36-image set
 }
 
 
@@ -255,6 +264,17 @@ def _check(kind: Optional[str], w, out: subprocess.CompletedProcess) -> None:
         assert "verification before/after" in out.stderr
         assert "head:4@0.1, all:12 (one pass over the data = 4 steps)" in out.stderr  # 36 images / batch 8
         assert "finished at step 16" in out.stdout + out.stderr  # head:1ep + all:3ep
+    elif kind == "run_sh_finetune":  # defaults in passes; the source watched once a pass, in metrics.jsonl
+        runs = os.listdir(w / "runs_sh")
+        assert len(runs) == 1
+        run = w / "runs_sh" / runs[0]
+        assert "head:4@0.1, all:12 (one pass over the data = 4 steps)" in out.stderr
+        with open(run / "metrics.jsonl") as f:
+            kept = [r for r in map(json.loads, f) if r.get("kind") == "kept"]
+        assert [r["step"] for r in kept] == [4, 8, 12, 16] and {r["target"] for r in kept} == {"lfw"}
+        with open(run / "config.json") as f:  # the watch is on (a drop of 1 never stops this tiny, noisy run)
+            cfg = json.load(f)
+        assert (cfg["max_source_drop"], cfg["stop_on_source_drop"], cfg["seed"]) == (1.0, True, 0)
     elif kind == "slim":
         assert os.path.isfile(clone / "models" / "run" / "models-0000.params")
     elif kind == "roc":
