@@ -382,7 +382,7 @@ def epoch_steps(cfg, data_dir: str, batch_size: int, kvstore: str = "device") ->
 def prepare_run(cfg) -> RunPlan:
     """Validate ``cfg`` (flat config from :func:`recognition.train_config.resolve_config`) before any compute and
     return the run's :class:`RunPlan` (every flag, file and device checked)."""
-    from recognition.freeze import parse_stages
+    from recognition.freeze import parse_stages, steps_or_passes
     from recognition.rec import read_property
 
     ctx = tuple(parse_ctx(cfg.get("ctx")))
@@ -390,8 +390,6 @@ def prepare_run(cfg) -> RunPlan:
     verbose = cfg.get("verbose")  # N batches, or "Xep" (passes over the data: counted once data_dir is known)
     in_passes = isinstance(verbose, str) and verbose.strip().lower().endswith("ep")
     if isinstance(verbose, str) and not in_passes:
-        from recognition.freeze import steps_or_passes
-
         verbose = steps_or_passes(verbose, f"--verbose {verbose!r}", None, "1ep")
     check_numbers({**cfg, "verbose": None if in_passes else verbose})  # types, finiteness and ranges of every
     # numeric flag, before anything is written
@@ -422,8 +420,6 @@ def prepare_run(cfg) -> RunPlan:
     pass_steps = _once(lambda: epoch_steps(cfg, data_dir, int(cfg.per_batch_size) * len(ctx), kvstore))
     stages = parse_stages(int(cfg.get("freeze_steps") or 0), cfg.get("stages"), cfg.get("head_lr_mult"), pass_steps)
     if in_passes:
-        from recognition.freeze import steps_or_passes
-
         verbose = steps_or_passes(verbose, f"--verbose {verbose!r}", pass_steps, "1ep")
     _warn_frozen_bn(cfg, stages)
     lr_steps = _scale_lr_steps(_parse_lr_steps(cfg.lr_steps), cfg.get("lr_steps_batch"),
