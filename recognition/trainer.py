@@ -362,7 +362,9 @@ class Trainer:
             before, acc = self.before[name], float(results[name]["acc"])
             change = acc - before
             self.metrics.write("kept", step=self.step, target=name, before=before, acc=acc, change=change)
-            if plan.max_source_drop is None or -change <= plan.max_source_drop:
+            # accuracies are counts over pairs: a drop of exactly the margin (0.99083 -> 0.98583 on 1,200 pairs)
+            # differs from it by float rounding only and stays within it
+            if plan.max_source_drop is None or -change <= plan.max_source_drop + 1e-9:
                 continue
             logger.warning("[%s][%d] source target fell %.5f below the pretrained model (%.5f -> %.5f; "
                            "--max-source-drop %g)%s", name, self.step, -change, before, acc, plan.max_source_drop,

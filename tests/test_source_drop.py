@@ -68,6 +68,19 @@ def test_without_stop_the_run_continues_and_warns_each_round(tiny_data, tmp_path
     assert [r["step"] for r in read_metrics(log, "kept")] == [1, 2, 3, 4]
 
 
+def test_a_drop_of_exactly_the_margin_is_within_it(tiny_data, tmp_path, pretrained):
+    """Seen on real faces: 1189/1200 -> 1183/1200 is a drop of 0.005 that float subtraction makes 0.0050000000000000044;
+    --max-source-drop 0.005 must not stop there. One pair more is past it."""
+    t = _trainer(tiny_data, tmp_path / "c", pretrained, "--source-targets", "synth_val", "--max-source-drop", "0.005",
+                 "--stop-on-source-drop")
+    t.verifier = ScriptedVerifier([1189 / 1200, 1183 / 1200, 1183 / 1200, 1182 / 1200, 1182 / 1200])
+    assert -(1183 / 1200 - 1189 / 1200) > 0.005  # the rounding this is about
+    summary = t.fit()
+    log = os.path.join(summary["run_dir"], "metrics.jsonl")
+    assert [r["step"] for r in read_metrics(log, "source_drop")] == [3]
+    assert summary["step"] == 3 and "--max-source-drop (synth_val -0.00583)" in summary["stopped"]
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--source-targets", "lfw"], "--source-targets lfw: not among the verification targets (synth_val)"),
     (["--source-targets", "synth_val", "--max-source-drop", "2"], "--max-source-drop 2.0: an accuracy fraction"),
