@@ -25,6 +25,12 @@ _PREFETCH = 2  # batches decoded ahead of the consumer
 _GRAY = np.array([0.299, 0.587, 0.114], np.float32)  # RGB luma weights (ITU-R BT.601)
 
 
+
+def images_kept(labels: np.ndarray, images_filter: int) -> np.ndarray:
+    """Boolean mask of the images ``--images-filter N`` keeps: those whose identity has at least N images."""
+    ids = np.asarray(labels).astype(np.int64)
+    return np.bincount(ids)[ids] >= images_filter if len(ids) else np.zeros(0, bool)
+
 class FaceImageIter(mx.io.DataIter):
     """Batches ``(data (B, 3, H, W) float32 RGB 0-255, label (B,) float32)`` from ``train.rec``.
 
@@ -88,8 +94,7 @@ class FaceImageIter(mx.io.DataIter):
         labels = self.reader.labels(keys)
         self._check_labels(labels, folder)
         if images_filter > 0:
-            counts = np.bincount(labels.astype(np.int64), minlength=self.num_classes)
-            keep = counts[labels.astype(np.int64)] >= images_filter
+            keep = images_kept(labels, images_filter)
             keys, labels = keys[keep], labels[keep]
             if len(keys) == 0:
                 raise ToolkitError(f"{path_imgrec}: no identity has >= {images_filter} images (images_filter)")

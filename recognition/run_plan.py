@@ -351,32 +351,19 @@ class RunPlan:
         return _stage_lr(step, self.lr, self.warmup_steps, self.stage_warmup, self.stages, self.lr_steps)
 
 
-def _once(fn):
-    """``fn`` called at most once (a pass over the data is counted once for --stages and --verbose); ``.memo``
-    holds the result once called."""
-    def call():
-        if not call.memo:
-            call.memo.append(fn())
-        return call.memo[0]
-    call.memo = []
-    return call
-
-
 def epoch_steps(cfg, data_dir: str, batch_size: int, kvstore: str = "device") -> int:
     """Batches in one pass over ``data_dir/train.rec`` at ``batch_size`` per worker (``--stages NAME:Xep``): the
     images the iterator keeps (``--images-filter``) over the global batch (x ``DMLC_NUM_WORKER`` workers under a
     dist kvstore), at least 1. The plan keeps it (``pass_steps``) and the trainer logs it with the stages."""
-    import numpy as np
-
+    from recognition.image_iter import images_kept
     from recognition.rec import RecordReader
 
     with RecordReader(os.path.join(data_dir, "train.rec")) as reader:
-        labels = reader.labels().astype(np.int64)
+        labels = reader.labels()
     keep = int(cfg.get("data_images_filter") or 0)
-    if keep > 0 and len(labels):
-        labels = labels[np.bincount(labels)[labels] >= keep]
+    images = int(images_kept(labels, keep).sum()) if keep > 0 else len(labels)
     workers = int(os.environ.get("DMLC_NUM_WORKER", "1")) if kvstore.startswith("dist") else 1
-    return max(1, len(labels) // (batch_size * workers))
+    return max(1, images // (batch_size * workers))
 
 
 def prepare_run(cfg) -> RunPlan:
@@ -417,10 +404,13 @@ def prepare_run(cfg) -> RunPlan:
                            f"{os.path.join(data_dir, 'property')} says {num_classes}")
     targets = _resolve_targets(cfg, data_dir)
     source_targets, max_source_drop, stop_on_source_drop = _source_watch(cfg, targets)
-    pass_steps = _once(lambda: epoch_steps(cfg, data_dir, int(cfg.per_batch_size) * len(ctx), kvstore))
-    stages = parse_stages(int(cfg.get("freeze_steps") or 0), cfg.get("stages"), cfg.get("head_lr_mult"), pass_steps)
+    # a pass over the data is counted (one read of the rec's labels) only when a length is given in passes
+    pass_steps = epoch_steps(cfg, data_dir, int(cfg.per_batch_size) * len(ctx), kvstore) \
+        if in_passes or "ep" in str(cfg.get("stages") or "").lower() else None
+    stages = parse_stages(int(cfg.get("freeze_steps") or 0), cfg.get("stages"), cfg.get("head_lr_mult"),
+                          None if pass_steps is None else lambda: pass_steps)
     if in_passes:
-        verbose = steps_or_passes(verbose, f"--verbose {verbose!r}", pass_steps, "1ep")
+        verbose = steps_or_passes(verbose, f"--verbose {verbose!r}", lambda: pass_steps, "1ep")
     _warn_frozen_bn(cfg, stages)
     lr_steps = _scale_lr_steps(_parse_lr_steps(cfg.lr_steps), cfg.get("lr_steps_batch"),
                                int(cfg.per_batch_size) * len(ctx))
@@ -475,7 +465,7 @@ def prepare_run(cfg) -> RunPlan:
         sample_ratio=float(cfg.get("sample_ratio") or 1.0), network_options=MappingProxyType(net_options),
         count_flops=bool(cfg.get("count_flops")), source_targets=source_targets,
         max_source_drop=max_source_drop, stop_on_source_drop=stop_on_source_drop,
-        verify_backend=_verify_backend(cfg), pass_steps=pass_steps.memo[0] if pass_steps.memo else None)
+        verify_backend=_verify_backend(cfg), pass_steps=pass_steps)
 
 
 def lr_at(step: int, base_lr: float, lr_steps: List[int], warmup_steps: int = 0) -> float:
